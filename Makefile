@@ -1,0 +1,41 @@
+# qlora-study: two commands on a fresh machine.
+#   make study   set up, run the default sweep (parameters/default.yaml), write its report
+#   make test    set up, run the test suite
+# Everything is installed from this project's own files into .venv; the default model is fetched
+# once into $(QLORA_STUDY_CACHE) (default ~/.cache/qlora-study).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and on its own: on a CPU-only machine pick a CPU build with
+#   make TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
+TORCH ?= torch>=2.6
+SWEEP ?= parameters/default.yaml
+export QLORA_STUDY_CACHE ?= $(HOME)/.cache/qlora-study
+
+.PHONY: setup model study test bench clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (qlora-study)" >/dev/null
+	touch $@
+
+setup: $(VENV)/.installed
+
+model: setup
+	$(PY) -m helpers.models
+
+study: model
+	$(PY) -m helpers.sweep $(SWEEP)
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: model
+	$(PY) benchmarks/cpu_step.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,10 @@
+"""Thin helpers for the qlora-study notebooks: plain functions, a module per concern.
+
+models     resolve and load a model (quantized or not), count its parameters
+data       load a corpus, split it by document, cut it into token blocks
+train      attach LoRA, train with the HF Trainer
+telemetry  per-step time/memory/energy, phase timers
+evaluate   token-weighted perplexity
+runs       parameters, validation, run ids, atomic sidecars
+sweep      run a grid of configurations with papermill
+"""

@@ -1,0 +1,249 @@
+"""A run's parameters: validation, id, environment, and its sidecar JSON (written atomically, last)."""
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+from .data import check_corpus_name
+from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length
+from .train import BNB_OPTIMIZERS, OPTIMIZERS
+
+SIDECAR_VERSION = 1
+# Parameters that say where results go, not what is measured: left out of the run id.
+NOT_IN_ID = ("output_dir", "run_id")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _need(cond: bool, name: str, value, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def validate(config: dict) -> None:
+    """Refuse a bad configuration before anything runs, naming the bad value and what is allowed."""
+    c = config
+    _need(c["quant"] in QUANTS, "quant", c["quant"], f"use one of {list(QUANTS)}")
+    _need(c["dtype"] in DTYPE_CHOICES, "dtype", c["dtype"], f"use one of {list(DTYPE_CHOICES)}")
+    _need(c["optimizer"] in OPTIMIZERS, "optimizer", c["optimizer"], f"use one of {list(OPTIMIZERS)}")
+    check_model_name(c["model"])
+    check_corpus_name(c["corpus"])
+    for name in ("lora_r", "max_steps", "batch_size", "grad_accum"):
+        v = c[name]
+        _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "a whole number >= 1")
+    _need(c["lora_alpha"] > 0, "lora_alpha", c["lora_alpha"], "a number > 0")
+    _need(0 <= c["lora_dropout"] < 1, "lora_dropout", c["lora_dropout"], "a number in [0, 1)")
+    _need(c["learning_rate"] > 0, "learning_rate", c["learning_rate"], "a number > 0")
+    _need(0 <= c["warmup_steps"] <= c["max_steps"], "warmup_steps", c["warmup_steps"], "0 ..max_steps")
+    _need(0 <= c["timing_warmup_steps"] < c["max_steps"], "timing_warmup_steps", c["timing_warmup_steps"],
+          f"0 ..max_steps-1 = {c['max_steps'] - 1} (steps left after it give the steady-state speed)")
+    _need(c["vram_budget_gib"] >= 0, "vram_budget_gib", c["vram_budget_gib"], "GiB >= 0 (0 = whole card)")
+    _need(0 < c["eval_fraction"] < 1, "eval_fraction", c["eval_fraction"], "a fraction in (0, 1)")
+    _need(c["eval_blocks"] >= 0, "eval_blocks", c["eval_blocks"], "a whole number >= 0 (0 = all)")
+    _need(c["device"] in ("auto", "cpu") or str(c["device"]).startswith("cuda"), "device", c["device"],
+          "auto, cpu, cuda or cuda:N")
+    seq = c["seq_len"]
+    _need(isinstance(seq, int) and seq >= 2, "seq_len", seq, "a whole number >= 2")
+    ctx = context_length(c["model"])
+    if ctx is not None:
+        _need(seq <= ctx, "seq_len", seq, f"at most the model's context of {ctx} tokens")
+    if c["quant"] != "none" or c["optimizer"] in BNB_OPTIMIZERS:
+        problem = bitsandbytes_problem()
+        if problem:
+            raise RuntimeError(problem)
+    if c["vram_budget_gib"] > 0 and not resolve_device(c["device"]).startswith("cuda"):
+        raise ValueError(f"vram_budget_gib={c['vram_budget_gib']!r} needs a CUDA device; this run is on the CPU")
+
+
+def run_id(config: dict) -> str:
+    """Readable and derived from the parameters: the same config always gets the same id."""
+    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    name = Path(str(config["model"])).name.replace("/", "_")
+    return f"{name}-{config['quant']}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"
+
+
+def environment(device: str) -> dict:
+    """Versions and hardware a reader needs to judge the figures."""
+    import importlib.metadata as md
+
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            env[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            env[pkg] = None
+    env["device"] = device
+    if device.startswith("cuda"):
+        env["device_name"] = torch.cuda.get_device_name()
+        env["device_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        env["device_total_gib"] = None
+    return env
+
+
+def _clean(x):
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_sidecar(path, record: dict) -> Path:
+    """Write JSON atomically: temp file in the same folder, fsync, rename. A crash leaves no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"sidecar_version": SIDECAR_VERSION, **_clean(record)}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_sidecar(path) -> dict:
+    """Read one sidecar; raises ValueError naming the file if it is not a complete sidecar."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable sidecar ({e})") from e
+    if not isinstance(record, dict) or "status" not in record or "config" not in record:
+        raise ValueError(f"{path}: sidecar lacks 'status' or 'config'")
+    return record
+
+
+def read_all(folder) -> list[dict]:
+    """Every sidecar in a folder; unreadable ones come back as {'status': 'corrupt', 'error': ...}."""
+    out = []
+    for p in sorted(Path(folder).glob("*.json")):
+        try:
+            out.append(read_sidecar(p))
+        except ValueError as e:
+            out.append({"run_id": p.stem, "status": "corrupt", "error": str(e), "config": {}})
+    return out
+
+
+# --- the run record, as the training notebook builds it ------------------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(config: dict) -> dict:
+    """A run record in progress: config, derived id, sidecar path, environment; metrics fill in later."""
+    device = resolve_device(config["device"])
+    rid = config["run_id"] or run_id(config)
+    out = Path(config["output_dir"])
+    out = out if out.is_absolute() else PROJECT_ROOT / out
+    return {
+        "run_id": rid,
+        "status": "running",
+        "error": None,
+        "device": device,
+        "sidecar": str(out / f"{rid}.json"),
+        "config": dict(config),
+        "environment": environment(device),
+        "metrics": {},
+        "history": [],
+    }
+
+
+def apply_vram_budget(run: dict) -> None:
+    """Emulate a smaller GPU: cap torch's caching allocator at vram_budget_gib (before the model loads).
+
+    This caps only torch's allocator: the CUDA context and bitsandbytes' paged memory are outside it,
+    which is why NVML's used memory is recorded beside torch's peaks.
+    """
+    budget = run["config"]["vram_budget_gib"]
+    if not budget:
+        return
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
+    run["metrics"]["vram_budget_emulated"] = True
+
+
+def is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class guard:
+    """Context manager for a notebook step: on any failure record status oom|error, write the sidecar, re-raise.
+
+    An out-of-memory is a result (the feasibility finding), so it is written like any other outcome.
+    """
+
+    def __init__(self, run: dict, steps=None):
+        self.run, self.steps = run, steps
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or isinstance(e, KeyboardInterrupt):
+            return False
+        from .telemetry import memory_peaks
+
+        self.run["status"] = "oom" if is_oom(e) else "error"
+        self.run["error"] = f"{type(e).__name__}: {e}"[:4000]
+        if self.steps is not None:
+            self.run["history"] = self.steps.history
+        try:
+            self.run["metrics"].update(memory_peaks(self.run["device"]))
+        except Exception:
+            pass
+        write_sidecar(self.run["sidecar"], _record(self.run))
+        return False
+
+
+def _record(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "sidecar"}
+
+
+def finish(run: dict) -> Path:
+    run["status"] = "ok"
+    return write_sidecar(run["sidecar"], _record(run))
+
+
+SUMMARY_KEYS = [
+    ("status", "status"), ("params_trainable", "trainable params"), ("params_total", "total params"),
+    ("weights_gib", "weights (GiB)"), ("load_s", "load (s)"), ("train_s", "train (s)"),
+    ("step_time_median_s", "median step (s)"), ("tokens_per_s", "tokens/s (steady)"),
+    ("peak_rss_gib", "peak RSS (GiB)"), ("peak_allocated_gib", "peak allocated (GiB)"),
+    ("peak_reserved_gib", "peak reserved (GiB)"), ("energy_j_per_1k_tokens", "energy (J / 1k tokens)"),
+    ("ppl_before", "perplexity before"), ("ppl_after", "perplexity after"),
+]
+
+
+def summary_table(run: dict):
+    """One readable table of the run's headline figures (None = not measured on this device)."""
+    import pandas as pd
+
+    m = {**run["metrics"], "status": run["status"]}
+    rows = [(label, m.get(key)) for key, label in SUMMARY_KEYS]
+    return pd.DataFrame(rows, columns=["measure", run["run_id"]]).set_index("measure")

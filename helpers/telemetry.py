@@ -1,0 +1,199 @@
+"""Measurements: phase wall times, per-step telemetry, memory peaks, NVML energy.
+
+Every step row is a flat dict with the same keys every step, in the units its name says; a value
+that does not exist on this device is None (never 0), so charts can tell "absent" from "zero".
+"""
+import os
+import resource
+import time
+from contextlib import contextmanager
+
+import psutil
+import torch
+from transformers import TrainerCallback
+
+GIB = 2**30
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work, so a wall-clock reading covers it."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def phase(name: str, timings: dict, device: str = "cpu"):
+    """Record the wall time of a block as timings[f"{name}_s"] (device-synchronised)."""
+    sync(device)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        sync(device)
+        timings[f"{name}_s"] = time.perf_counter() - t0
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+
+
+class Nvml:
+    """The NVML readings we use, or None for each where NVML (or the counter) is missing."""
+
+    def __init__(self, device: str):
+        self.handle = None
+        if not str(device).startswith("cuda"):
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = torch.cuda.current_device()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible:  # NVML numbers all GPUs; torch only the visible ones
+                index = int(visible.split(",")[index])
+            self.nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except Exception:
+            self.handle = None
+
+    def energy_j(self) -> float | None:
+        """Total energy counter since driver load (J); None where the GPU has none."""
+        try:
+            return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
+        except Exception:
+            return None
+
+    def power_w(self) -> float | None:
+        try:
+            return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+        except Exception:
+            return None
+
+    def used_gib(self) -> tuple[float | None, float | None]:
+        """(memory used by this process, memory used on the whole device), GiB.
+
+        Includes what torch does not see: the CUDA context and bitsandbytes' paged memory.
+        The per-process figure is None where NVML cannot see our pid (e.g. in a container).
+        """
+        try:
+            device = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used / GIB
+        except Exception:
+            return None, None
+        proc = None
+        try:
+            for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if p.pid == os.getpid() and p.usedGpuMemory is not None:
+                    proc = p.usedGpuMemory / GIB
+        except Exception:
+            pass
+        return proc, device
+
+
+def memory_now(device: str, nvml: Nvml | None = None) -> dict:
+    """Memory readings with the same keys on every device (None where not applicable)."""
+    row = {
+        "rss_gib": psutil.Process().memory_info().rss / GIB,
+        "allocated_gib": None,
+        "reserved_gib": None,
+        "nvml_process_used_gib": None,
+        "nvml_device_used_gib": None,
+    }
+    if str(device).startswith("cuda"):
+        row["allocated_gib"] = torch.cuda.memory_allocated() / GIB
+        row["reserved_gib"] = torch.cuda.memory_reserved() / GIB
+        if nvml is not None and nvml.handle is not None:
+            row["nvml_process_used_gib"], row["nvml_device_used_gib"] = nvml.used_gib()
+    return row
+
+
+def memory_peaks(device: str, nvml: Nvml | None = None) -> dict:
+    """Peaks since the last reset: torch allocator on a GPU, resident memory on the host."""
+    out = {"peak_rss_gib": peak_rss_gib(), "peak_allocated_gib": None, "peak_reserved_gib": None}
+    if str(device).startswith("cuda"):
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    return out
+
+
+class StepTelemetry(TrainerCallback):
+    """Trainer callback: one row per optimizer step, plus energy over the training window.
+
+    tokens_per_step counts tokens that carry loss (batch * grad_accum * (seq_len - 1)).
+    """
+
+    def __init__(self, device: str, tokens_per_step: int):
+        self.device = device
+        self.tokens_per_step = tokens_per_step
+        self.nvml = Nvml(device)
+        self.history: list[dict] = []
+        self.energy_start_j = self.energy_end_j = None
+        self._t0 = None
+        self._last_power = None
+        self.sampled_energy_j = 0.0  # fallback: power sampled at step ends x step time
+
+    def on_train_begin(self, args, state, control, **kw):
+        sync(self.device)
+        self.energy_start_j = self.nvml.energy_j() if self.nvml.handle else None
+
+    def on_step_begin(self, args, state, control, **kw):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        sync(self.device)
+        dt = time.perf_counter() - self._t0
+        power = self.nvml.power_w() if self.nvml.handle else None
+        if power is not None:
+            self.sampled_energy_j += power * dt
+        row = {
+            "step": state.global_step,
+            "step_time_s": dt,
+            "tokens": self.tokens_per_step,
+            "loss": None,
+            "learning_rate": None,
+            "power_w": power,
+        }
+        row.update(memory_now(self.device, self.nvml))
+        self.history.append(row)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        # the end-of-training summary log (train_loss, runtime) has no "loss": leave the step row alone
+        if logs and "loss" in logs and self.history and self.history[-1]["step"] == state.global_step:
+            self.history[-1]["loss"] = logs.get("loss")
+            self.history[-1]["learning_rate"] = logs.get("learning_rate")
+
+    def on_train_end(self, args, state, control, **kw):
+        sync(self.device)
+        self.energy_end_j = self.nvml.energy_j() if self.nvml.handle else None
+
+    def summary(self, warmup_steps: int) -> dict:
+        """Steady-state throughput (after warm-up steps) and energy over the training window."""
+        steady = self.history[warmup_steps:] or self.history
+        t = sum(r["step_time_s"] for r in steady)
+        tokens = sum(r["tokens"] for r in steady)
+        all_tokens = sum(r["tokens"] for r in self.history)
+        out = {
+            "steps": len(self.history),
+            "tokens_trained": all_tokens,
+            "tokens_per_s": tokens / t if t else None,
+            "step_time_median_s": _median([r["step_time_s"] for r in steady]),
+            "energy_j": None,
+            "energy_source": None,
+        }
+        if self.energy_start_j is not None and self.energy_end_j is not None:
+            out["energy_j"], out["energy_source"] = self.energy_end_j - self.energy_start_j, "nvml_counter"
+        elif any(r["power_w"] is not None for r in self.history):
+            out["energy_j"], out["energy_source"] = self.sampled_energy_j, "nvml_power_sampled"
+        out["energy_j_per_1k_tokens"] = out["energy_j"] / all_tokens * 1000 if out["energy_j"] is not None else None
+        return out
+
+
+def _median(xs):
+    xs = sorted(xs)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+

@@ -1,0 +1,79 @@
+"""Attach LoRA and train with the Hugging Face Trainer; QLoRA is LoRA plus one switch (`quant`)."""
+import tempfile
+
+import torch
+
+# Optimizers offered (HF TrainingArguments `optim` names). The 8-bit and paged ones need bitsandbytes;
+# paged = optimizer state in CUDA unified memory that can spill to the host under memory pressure.
+OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
+BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+
+
+def attach_lora(model, quant: str, lora_r: int, lora_alpha: int, lora_dropout: float,
+                target_modules: str = "all-linear", gradient_checkpointing: bool = True):
+    """Freeze the base, add LoRA adapters, and set up gradient checkpointing the same way in both arms."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    gc_kwargs = {"use_reentrant": False}
+    if quant != "none":
+        # freezes the base, casts norms/embeddings to fp32, enables checkpointing
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
+    cfg = LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        target_modules=targets,  # "all-linear" = every nn.Linear but the output head
+        bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, cfg)
+    model.train()  # from_pretrained returns eval mode, where checkpointing silently does nothing
+    return model
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Token blocks as causal-LM examples: labels are the inputs (the model shifts them)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        x = self.blocks[i]
+        return {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+
+
+def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, quant: str, max_steps: int,
+                 batch_size: int, grad_accum: int, learning_rate: float, warmup_steps: int, optimizer: str,
+                 seed: int, callbacks=(), progress: bool = True, output_dir: str | None = None):
+    """A Trainer set up for a fixed number of optimizer steps, no checkpoints, no reporting."""
+    from transformers import Trainer, TrainingArguments
+
+    on_gpu = str(device).startswith("cuda")
+    args = TrainingArguments(
+        output_dir=output_dir or tempfile.mkdtemp(prefix="qlora-study-trainer-"),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        lr_scheduler_type="linear",
+        optim=optimizer,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not on_gpu,
+        # mixed precision only on a GPU; on CPU the weights' own dtype (and bnb's compute dtype) rules
+        bf16=on_gpu and dtype == "bfloat16",
+        fp16=on_gpu and dtype == "float16",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    return Trainer(model=model, args=args, train_dataset=BlockDataset(train_blocks), callbacks=list(callbacks))

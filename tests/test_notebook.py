@@ -1,0 +1,38 @@
+"""Executes the training notebook with papermill on the real default model (a handful of steps)."""
+import json
+import math
+
+import papermill
+import pytest
+
+from helpers.sweep import TRAIN_NOTEBOOK
+
+FAST = dict(max_steps=3, seq_len=64, batch_size=2, eval_blocks=4, timing_warmup_steps=1, warmup_steps=1)
+
+
+@pytest.mark.slow
+def test_notebook_runs_default_model_and_writes_sidecar(tmp_path):
+    out = tmp_path / "runs"
+    papermill.execute_notebook(str(TRAIN_NOTEBOOK), str(tmp_path / "run.ipynb"),
+                               parameters=dict(FAST, quant="nf4", lora_r=8, output_dir=str(out)), progress_bar=False)
+    [sidecar] = list(out.glob("*.json"))
+    r = json.loads(sidecar.read_text())
+    assert r["status"] == "ok" and r["error"] is None
+    assert r["config"]["quant"] == "nf4" and r["config"]["lora_r"] == 8 and len(r["config"]) == 25
+    m = r["metrics"]
+    for k in ("ppl_before", "ppl_after", "tokens_per_s", "peak_rss_gib", "weights_gib", "load_s", "train_s"):
+        assert m[k] is not None and math.isfinite(m[k]) and m[k] > 0, k
+    assert 0 < m["params_trainable"] < m["params_total"]
+    assert len(r["history"]) == 3 and all(h["step_time_s"] > 0 for h in r["history"])
+    assert r["environment"]["bitsandbytes"] and r["environment"]["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_notebook_refuses_bad_value_before_loading(tmp_path):
+    out = tmp_path / "runs"
+    with pytest.raises(papermill.PapermillExecutionError) as e:
+        papermill.execute_notebook(str(TRAIN_NOTEBOOK), str(tmp_path / "bad.ipynb"),
+                                   parameters=dict(quant="int4", output_dir=str(out)), progress_bar=False)
+    assert "ValueError" in str(e.value) and "quant='int4'" in str(e.value)
+    assert e.value.exec_count == 3  # the cell right after the parameters
+    assert not out.exists()  # no sidecar, let alone one claiming success

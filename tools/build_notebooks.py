@@ -1,0 +1,155 @@
+"""Writes notebooks/01_train.ipynb from the cell sources below (outputs empty).
+
+The notebook is the source of truth users edit in JupyterLab; this script exists so its cells can be
+reviewed as plain text in diffs and rebuilt identically. Run: python tools/build_notebooks.py
+"""
+import sys
+from pathlib import Path
+
+import nbformat as nbf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def md(s):
+    return nbf.v4.new_markdown_cell(s.strip())
+
+
+def code(s, tags=()):
+    c = nbf.v4.new_code_cell(s.strip())
+    if tags:
+        c.metadata["tags"] = list(tags)
+    return c
+
+
+TRAIN = [
+    md("""
+# 01 · One LoRA / QLoRA fine-tuning run, measured
+
+One configuration: load a model (16-bit or quantized), attach LoRA, train a fixed number of steps on a
+corpus, and measure time, memory, energy (on a GPU) and held-out perplexity before and after.
+The run's record (the *sidecar*, `<output_dir>/<run_id>.json`) is written last, atomically.
+
+Run it top to bottom in JupyterLab with the defaults below, or one configuration from the shell:
+
+```
+papermill notebooks/01_train.ipynb out.ipynb -p quant nf4 -p lora_r 16
+```
+
+A sweep (`python -m helpers.sweep parameters/default.yaml`) executes this notebook once per
+configuration, each in a fresh kernel so memory figures start clean.
+"""),
+    code('''
+# --- model --------------------------------------------------------------------------------------
+model: str = "smollm2-135m"    # embedded default (no hub needed), a Hugging Face id 'owner/name', or a local folder
+quant: str = "nf4"             # none | nf4 | fp4 | int8 -- base weights: none is 16-bit LoRA, the others QLoRA-style
+dtype: str = "auto"            # auto | bfloat16 | float16 | float32 -- base dtype (quant none) and 4-bit compute dtype;
+                               # auto: bfloat16 on a GPU, float32 on a CPU (bf16 is emulated, ~25x slower, on many CPUs)
+double_quant: bool = True      # 4-bit only: also quantize the quantization constants (~0.37 bit/param saved)
+# --- data ---------------------------------------------------------------------------------------
+corpus: str = "pydoc"          # pydoc (ships with Python) | a local .txt / .jsonl | a hub dataset 'owner/name[:config]'
+seq_len: int = 256             # tokens per block; activation memory grows with it
+eval_fraction: float = 0.1     # share of *documents* held out for perplexity (split by document, fixed seed)
+eval_blocks: int = 16          # eval blocks scored before and after training (0: all); bounds eval time on a CPU
+# --- LoRA ---------------------------------------------------------------------------------------
+lora_r: int = 8                # adapter rank; higher: more trainable params and memory
+lora_alpha: float = 16         # adapter output is scaled by lora_alpha / lora_r
+lora_dropout: float = 0.05     # dropout on the adapter input
+target_modules: str = "all-linear"  # all-linear (every Linear but the head) or comma-separated names: q_proj,v_proj
+gradient_checkpointing: bool = True  # recompute activations in backward: less memory, ~30% more compute
+# --- training -----------------------------------------------------------------------------------
+max_steps: int = 30            # optimizer steps
+batch_size: int = 2            # blocks per micro-batch (2 x 256 tokens: 512 tokens per micro-batch)
+grad_accum: int = 1            # micro-batches per optimizer step
+learning_rate: float = 2e-4    # peak LR (the QLoRA paper uses 1e-4 to 2e-4 for small models)
+warmup_steps: int = 3          # linear LR warm-up steps, then linear decay to 0
+optimizer: str = "adamw_torch" # adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | sgd
+seed: int = 0                  # LoRA init and batch order; the eval split does not depend on it
+# --- measurement --------------------------------------------------------------------------------
+timing_warmup_steps: int = 3   # first steps left out of steady-state tokens/s (allocator and kernel warm-up)
+vram_budget_gib: float = 0.0   # emulate a smaller GPU by capping torch's allocator (GiB); 0: whole card; GPU only
+device: str = "auto"           # auto | cpu | cuda | cuda:N
+# --- output -------------------------------------------------------------------------------------
+output_dir: str = "reports/scratch/runs"  # the sidecar goes here (relative to the project root)
+run_id: str = ""               # empty: derived from the parameters
+''', tags=["parameters"]),
+    md("## 1 · Check the configuration\nEvery knob above goes into `config`; a bad value stops here, before anything is loaded or written."),
+    code('''
+import helpers.runs as runs
+config = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+runs.validate(config)
+run = runs.start(config)
+print(f"run {run['run_id']} -> {run['sidecar']}")
+'''),
+    md("## 2 · Load the model\nThe VRAM budget (if any) is applied before the first allocation. Weights memory is read right after loading."),
+    code('''
+from helpers import models, telemetry
+with runs.guard(run), telemetry.phase("load", run["metrics"], run["device"]):
+    runs.apply_vram_budget(run)
+    net, tokenizer, info = models.load_model(model, quant, dtype, double_quant, device=run["device"])
+run["metrics"].update(info)
+print(f"{info['params_total']/1e6:.1f} M parameters, weights {info['weights_gib']*1024:.0f} MiB, load {run['metrics']['load_s']:.1f} s")
+'''),
+    md("## 3 · Corpus: split by document, cut into blocks\nNo document is on both sides of the split; every block holds `seq_len` tokens."),
+    code('''
+from helpers import data
+train_blocks, eval_blocks_t = data.prepare(config, tokenizer, run)
+print(f"train {len(train_blocks)} blocks, eval {len(eval_blocks_t)} blocks of {seq_len} tokens")
+'''),
+    md("## 4 · Perplexity before training\nToken-weighted over the held-out blocks: exp(summed NLL / tokens)."),
+    code('''
+from helpers.evaluate import perplexity
+with runs.guard(run), telemetry.phase("eval_before", run["metrics"], run["device"]):
+    before = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
+run["metrics"]["ppl_before"] = before["ppl"]
+print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens")
+'''),
+    md("## 5 · Attach LoRA\nFreeze the base, add adapters; gradient checkpointing is set up identically in the 16-bit and quantized arms."),
+    code('''
+from helpers.train import attach_lora, make_trainer
+from transformers import set_seed
+set_seed(seed)
+net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing)
+run["metrics"]["params_trainable"], _ = models.count_parameters(net)
+print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
+'''),
+    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory); energy from NVML on a GPU."),
+    code('''
+steps = telemetry.StepTelemetry(run["device"], tokens_per_step=batch_size * grad_accum * (seq_len - 1))
+trainer = make_trainer(net, train_blocks, device=run["device"], dtype=info["dtype_resolved"], quant=quant, max_steps=max_steps,
+                       batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
+                       warmup_steps=warmup_steps, optimizer=optimizer, seed=seed, callbacks=[steps])
+with runs.guard(run, steps), telemetry.phase("train", run["metrics"], run["device"]):
+    trainer.train()
+run["history"] = steps.history
+run["metrics"].update(steps.summary(timing_warmup_steps))
+run["metrics"].update(telemetry.memory_peaks(run["device"], steps.nvml))
+print(f"{run['metrics']['tokens_per_s']:.0f} tokens/s steady, median step {run['metrics']['step_time_median_s']:.3f} s")
+'''),
+    md("## 7 · Perplexity after training"),
+    code('''
+with runs.guard(run), telemetry.phase("eval_after", run["metrics"], run["device"]):
+    after = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
+run["metrics"]["ppl_after"] = after["ppl"]
+print(f"perplexity after: {after['ppl']:.3f} (before {before['ppl']:.3f})")
+'''),
+    md("## 8 · Results\nThe sidecar is written last and atomically: a run without one did not finish."),
+    code('''
+path = runs.finish(run)
+runs.summary_table(run)
+'''),
+]
+
+
+def build(cells, path):
+    nb = nbf.v4.new_notebook()
+    nb.cells = cells
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nbf.validate(nb)
+    nbf.write(nb, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    build(TRAIN, ROOT / "notebooks" / "01_train.ipynb")
