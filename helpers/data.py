@@ -107,5 +107,5 @@ def prepare(config: dict, tokenizer, run: dict | None = None):
         evals = evals[: config["eval_blocks"]]
     if run is not None:
         run["metrics"].update(train_docs=len(train_docs), eval_docs=len(eval_docs),
-                              train_blocks=len(train), eval_blocks=len(evals))
+                              train_blocks=len(train), eval_blocks_scored=len(evals))
     return train, evals

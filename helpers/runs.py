@@ -247,3 +247,30 @@ def summary_table(run: dict):
     m = {**run["metrics"], "status": run["status"]}
     rows = [(label, m.get(key)) for key, label in SUMMARY_KEYS]
     return pd.DataFrame(rows, columns=["measure", run["run_id"]]).set_index("measure")
+
+
+def summary_rows(records: list[dict]) -> list[dict]:
+    """One flat row per run (config keys, then metrics, then a few environment keys), failures included."""
+    rows = []
+    for r in records:
+        env = r.get("environment") or {}
+        row = {"run_id": r.get("run_id"), "status": r.get("status"), "error": r.get("error")}
+        row.update({k: v for k, v in (r.get("config") or {}).items() if k != "run_id"})
+        row.update(r.get("metrics") or {})
+        row.update({f"env_{k}": env.get(k) for k in ("device", "device_name", "device_total_gib", "torch",
+                                                     "transformers", "peft", "bitsandbytes")})
+        rows.append(row)
+    return rows
+
+
+def write_summary(folder) -> Path:
+    """reports/<sweep>/summary.csv from the sidecars in reports/<sweep>/runs (written atomically)."""
+    import pandas as pd
+
+    folder = Path(folder)
+    df = pd.DataFrame(summary_rows(read_all(folder / "runs")))
+    path = folder / "summary.csv"
+    tmp = path.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    return path
