@@ -43,9 +43,10 @@ def validate(config: dict) -> None:
     _need(c["lora_alpha"] > 0, "lora_alpha", c["lora_alpha"], "a number > 0")
     _need(0 <= c["lora_dropout"] < 1, "lora_dropout", c["lora_dropout"], "a number in [0, 1)")
     _need(c["learning_rate"] > 0, "learning_rate", c["learning_rate"], "a number > 0")
-    _need(0 <= c["warmup_steps"] <= c["max_steps"], "warmup_steps", c["warmup_steps"], "0 ..max_steps")
+    _need(0 <= c["warmup_steps"] <= c["max_steps"], "warmup_steps", c["warmup_steps"],
+          f"0 .. max_steps ({c['max_steps']})")
     _need(0 <= c["timing_warmup_steps"] < c["max_steps"], "timing_warmup_steps", c["timing_warmup_steps"],
-          f"0 ..max_steps-1 = {c['max_steps'] - 1} (steps left after it give the steady-state speed)")
+          f"0 .. max_steps - 1 ({c['max_steps'] - 1}); the steps after it give the steady-state speed")
     _need(c["vram_budget_gib"] >= 0, "vram_budget_gib", c["vram_budget_gib"], "GiB >= 0 (0 = whole card)")
     _need(0 < c["eval_fraction"] < 1, "eval_fraction", c["eval_fraction"], "a fraction in (0, 1)")
     _need(c["eval_blocks"] >= 0, "eval_blocks", c["eval_blocks"], "a whole number >= 0 (0 = all)")

@@ -1,9 +1,27 @@
-"""Run a sweep: a grid of configurations, each executed as the training notebook by papermill."""
+"""Run a sweep: a grid of configurations, each executed as the training notebook by papermill.
+
+    python -m helpers.sweep parameters/default.yaml [--dry-run] [--force] [--no-report]
+
+Every configuration runs in a fresh kernel (clean memory figures) into
+reports/<name>/runs/<run_id>.ipynb; the notebook writes <run_id>.json last. A run with a sidecar
+of status ok or oom is finished and skipped on a re-run; anything else is redone.
+"""
+import argparse
 import ast
+import itertools
+import os
+import sys
+import time
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
+SWEEP_KEYS = {"name", "description", "notebook", "base", "grid", "repeats"}
+FINISHED = ("ok", "oom")  # outcomes that are results; error / corrupt / missing are redone
+
+
+class SweepError(ValueError):
+    """A sweep file that cannot run; raised before any run starts."""
 
 
 def notebook_parameters(notebook=TRAIN_NOTEBOOK) -> dict:
@@ -18,3 +36,229 @@ def notebook_parameters(notebook=TRAIN_NOTEBOOK) -> dict:
     for name, p in papermill.inspect_notebook(str(notebook)).items():
         out[name] = {"type": types[p["inferred_type_name"]], "default": ast.literal_eval(p["default"]), "help": p["help"]}
     return out
+
+
+def _check_value(where: str, key: str, value, params: dict) -> None:
+    if key not in params:
+        raise SweepError(f"{where}: unknown parameter {key!r}; the notebook's parameters are {sorted(params)}")
+    want = params[key]["type"]
+    ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True  # 16 is a fine float
+    if not ok:
+        raise SweepError(f"{where}: {key}={value!r} is a {type(value).__name__}, the notebook expects {want.__name__}")
+
+
+def load_sweep(path, reports_root=None) -> dict:
+    """Read and check a sweep file; every problem is raised here, before anything runs."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file {path} not found")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(spec, dict):
+        raise SweepError(f"{path}: expected a mapping with keys {sorted(SWEEP_KEYS)}")
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise SweepError(f"{path}: name={name!r} must be a folder name (reports/<name>/)")
+    notebook = Path(spec.get("notebook") or TRAIN_NOTEBOOK)
+    notebook = notebook if notebook.is_absolute() else PROJECT_ROOT / notebook
+    if not notebook.is_file():
+        raise SweepError(f"{path}: notebook {notebook} not found")
+    params = notebook_parameters(notebook)
+    base = spec.get("base") or {}
+    if not isinstance(base, dict):
+        raise SweepError(f"{path}: base must be a mapping of parameter: value")
+    for k, v in base.items():
+        _check_value(f"{path} base", k, v, params)
+    grid = spec.get("grid")
+    grids = grid if isinstance(grid, list) else [grid]
+    if not grid or not all(isinstance(g, dict) and g for g in grids):
+        raise SweepError(f"{path}: grid is empty; give parameter: [values] (or a list of such mappings)")
+    for g in grids:
+        for k, values in g.items():
+            if not isinstance(values, list) or not values:
+                raise SweepError(f"{path} grid: {k} must be a non-empty list of values, got {values!r}")
+            for v in values:
+                _check_value(f"{path} grid", k, v, params)
+            if k in ("seed", "output_dir", "run_id"):
+                raise SweepError(f"{path} grid: {k} is set by the runner (use repeats for seeds)")
+    repeats = spec.get("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise SweepError(f"{path}: repeats={repeats!r} must be a whole number >= 1")
+    return {"name": name, "notebook": notebook, "params": params, "base": base, "grids": grids, "repeats": repeats,
+            "folder": Path(reports_root or PROJECT_ROOT / "reports") / name}
+
+
+def expand(sweep: dict) -> list[dict]:
+    """Union of the cartesian products of the grid(s), times seeds 0..repeats-1; duplicates dropped."""
+    from .runs import run_id
+
+    defaults = {k: p["default"] for k, p in sweep["params"].items()}
+    out, seen = [], set()
+    for g in sweep["grids"]:
+        keys = list(g)
+        for values in itertools.product(*(g[k] for k in keys)):
+            for seed in range(sweep["repeats"]):
+                cfg = {**defaults, **sweep["base"], **dict(zip(keys, values)), "seed": seed,
+                       "output_dir": str(sweep["folder"] / "runs"), "run_id": ""}
+                rid = run_id(cfg)
+                if rid not in seen:
+                    seen.add(rid)
+                    out.append({**cfg, "run_id": rid})
+    return out
+
+
+def varying(configs: list[dict]) -> list[str]:
+    """Parameters whose value differs between runs (what progress lines show)."""
+    keys = [k for k in configs[0] if k not in ("run_id", "output_dir")]
+    return [k for k in keys if len({repr(c[k]) for c in configs}) > 1]
+
+
+def run_state(cfg: dict) -> str:
+    """ok | oom | error | corrupt | missing, from the run's sidecar."""
+    from .runs import read_sidecar
+
+    path = Path(cfg["output_dir"]) / f"{cfg['run_id']}.json"
+    if not path.exists():
+        return "missing"
+    try:
+        return read_sidecar(path)["status"]
+    except ValueError:
+        return "corrupt"
+
+
+def _record_failure(cfg: dict, e: Exception) -> str:
+    """The notebook failed without writing its own sidecar (e.g. a crash outside a guarded step)."""
+    from .runs import is_oom, write_sidecar
+
+    text = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+    status = "oom" if is_oom(e) or "OutOfMemory" in text else "error"
+    write_sidecar(Path(cfg["output_dir"]) / f"{cfg['run_id']}.json",
+                  {"run_id": cfg["run_id"], "status": status, "error": text[:4000], "config": cfg,
+                   "environment": {}, "metrics": {}, "history": []})
+    return status
+
+
+def execute(sweep: dict, cfg: dict) -> str:
+    """Run one configuration in a fresh kernel; return its status. Failures are results, not crashes."""
+    import papermill
+
+    from .runs import read_sidecar
+
+    folder = Path(cfg["output_dir"])
+    folder.mkdir(parents=True, exist_ok=True)
+    sidecar = folder / f"{cfg['run_id']}.json"
+    sidecar.unlink(missing_ok=True)  # an old result must not survive a redo that is killed midway
+    params = {k: v for k, v in cfg.items() if k in sweep["params"]}
+    try:
+        papermill.execute_notebook(str(sweep["notebook"]), str(folder / f"{cfg['run_id']}.ipynb"),
+                                   parameters=params, cwd=str(PROJECT_ROOT), progress_bar=False)
+    except papermill.PapermillExecutionError as e:
+        if not sidecar.exists():  # the notebook's own guard writes oom/error sidecars with measurements
+            return _record_failure(cfg, e)
+    except Exception as e:  # kernel died (e.g. host OOM killer), papermill I/O error, ...
+        if not sidecar.exists():
+            return _record_failure(cfg, e)
+    try:
+        return read_sidecar(sidecar)["status"]
+    except ValueError as e:
+        return _record_failure(cfg, e)
+
+
+def _fmt(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m}m{s:02d}s"
+
+
+def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = True, reports_root=None,
+              out=None) -> dict:
+    """Check the sweep file, then run every configuration not yet finished; return {run_id: status}."""
+    from filelock import FileLock, Timeout
+
+    out = out or sys.stdout
+    sweep = load_sweep(path, reports_root)
+    configs = expand(sweep)
+    from .runs import validate
+
+    for cfg in configs:  # every configuration is checked before the first one runs
+        try:
+            validate(cfg)
+        except ValueError as e:
+            raise SweepError(f"{path}: run {cfg['run_id']}: {e}") from e
+    show = varying(configs)
+    states = {c["run_id"]: run_state(c) for c in configs}
+    todo = [c for c in configs if force or states[c["run_id"]] not in FINISHED]
+    print(f"sweep {sweep['name']}: {len(configs)} runs, {len(configs) - len(todo)} finished, {len(todo)} to run "
+          f"-> {sweep['folder']}", file=out, flush=True)
+    if dry_run:
+        for i, c in enumerate(configs, 1):
+            what = "run" if c in todo else f"skip ({states[c['run_id']]})"
+            print(f"  [{i}/{len(configs)}] {what:10} {c['run_id']}  " + " ".join(f"{k}={c[k]}" for k in show),
+                  file=out)
+        return states
+    sweep["folder"].mkdir(parents=True, exist_ok=True)
+    lock = FileLock(sweep["folder"] / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise SweepError(f"another sweep is already running on {sweep['folder']} (lock {lock.lock_file}); "
+                         "wait for it to finish or stop it first") from None
+    try:
+        t0, done = time.perf_counter(), 0
+        for i, c in enumerate(configs, 1):
+            label = " ".join(f"{k}={c[k]}" for k in show)
+            if c not in todo:
+                print(f"[{i}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]}) {label}", file=out, flush=True)
+                continue
+            redo = f" (redo: was {states[c['run_id']]})" if states[c["run_id"]] not in ("missing",) else ""
+            elapsed = time.perf_counter() - t0
+            eta = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done else ""
+            print(f"[{i}/{len(configs)}] run {c['run_id']}{redo} {label} (elapsed {_fmt(elapsed)}{eta})",
+                  file=out, flush=True)
+            t = time.perf_counter()
+            states[c["run_id"]] = execute(sweep, c)
+            done += 1
+            print(f"    -> {states[c['run_id']]} in {_fmt(time.perf_counter() - t)}", file=out, flush=True)
+        from .runs import write_summary
+
+        summary = write_summary(sweep["folder"])
+        counts = {s: list(states.values()).count(s) for s in sorted(set(states.values()))}
+        print(f"done in {_fmt(time.perf_counter() - t0)}: {counts}; summary {summary}", file=out, flush=True)
+        if report:
+            from .report import build_report
+
+            html = build_report(sweep["folder"])
+            print(f"report: {html}", file=out, flush=True)
+    finally:
+        lock.release()
+    return states
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m helpers.sweep", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep_file", help="e.g. parameters/default.yaml")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs and whether each would run or be skipped")
+    ap.add_argument("--force", action="store_true", help="redo every run, finished or not")
+    ap.add_argument("--no-report", action="store_true", help="write summary.csv but skip the analysis and HTML")
+    ap.add_argument("--reports", default=None, help="reports folder (default: the project's reports/)")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        run_sweep(a.sweep_file, dry_run=a.dry_run, force=a.force, report=not a.no_report, reports_root=a.reports)
+    except (SweepError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

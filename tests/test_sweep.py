@@ -1,0 +1,151 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import sweep
+from helpers.runs import read_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, spec, name="s.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(spec) if isinstance(spec, dict) else spec)
+    return p
+
+
+GOOD = {"name": "t", "base": {"max_steps": 5}, "grid": {"quant": ["none", "nf4"], "lora_r": [4, 8]}}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": "red"}, "unknown key(s) ['colour']"),
+        ({"base": {"learning_rat": 1e-4}}, "unknown parameter 'learning_rat'"),
+        ({"grid": {"lora_rank": [4]}}, "unknown parameter 'lora_rank'"),
+        ({"grid": {"lora_r": ["8"]}}, "lora_r='8' is a str, the notebook expects int"),
+        ({"base": {"gradient_checkpointing": 1}}, "expects bool"),
+        ({"base": {"max_steps": True}}, "expects int"),
+        ({"grid": {}}, "grid is empty"),
+        ({"grid": None}, "grid is empty"),
+        ({"grid": {"lora_r": []}}, "lora_r must be a non-empty list"),
+        ({"grid": {"seed": [0, 1]}}, "use repeats for seeds"),
+        ({"repeats": 0}, "repeats=0"),
+        ({"name": "../escape"}, "name='../escape'"),
+        ({"notebook": "notebooks/nope.ipynb"}, "nope.ipynb not found"),
+    ],
+)
+def test_bad_sweep_files_are_refused_naming_the_problem(tmp_path, change, message):
+    spec = {**GOOD, **change}
+    with pytest.raises(sweep.SweepError) as e:
+        sweep.load_sweep(write(tmp_path, spec), reports_root=tmp_path)
+    assert message in str(e.value)
+
+
+def test_missing_sweep_file(tmp_path):
+    with pytest.raises(sweep.SweepError, match="not found"):
+        sweep.load_sweep(tmp_path / "none.yaml")
+
+
+def test_bad_value_for_a_run_is_refused_before_any_run(tmp_path, capsys):
+    spec = {**GOOD, "grid": {"quant": ["nf4", "int3"]}}
+    with pytest.raises(sweep.SweepError, match="quant='int3'"):
+        sweep.run_sweep(write(tmp_path, spec), reports_root=tmp_path)
+    assert not (tmp_path / "t").exists()  # nothing ran, nothing written
+
+
+def test_expand_grid_union_and_seeds(tmp_path):
+    spec = {"name": "t", "repeats": 2,
+            "grid": [{"quant": ["none", "nf4"], "lora_r": [8]}, {"quant": ["nf4"], "lora_r": [8, 16]}]}
+    configs = sweep.expand(sweep.load_sweep(write(tmp_path, spec), reports_root=tmp_path))
+    cells = sorted({(c["quant"], c["lora_r"]) for c in configs})
+    assert cells == [("nf4", 8), ("nf4", 16), ("none", 8)]  # (nf4, 8) once, though in both grids
+    assert len(configs) == 3 * 2 and {c["seed"] for c in configs} == {0, 1}
+    assert len({c["run_id"] for c in configs}) == 6
+    assert all(c["output_dir"] == str(tmp_path / "t" / "runs") for c in configs)
+    assert sweep.varying(configs) == ["quant", "lora_r", "seed"]
+
+
+def test_dry_run_lists_runs(tmp_path, capsys):
+    sweep.run_sweep(write(tmp_path, GOOD), dry_run=True, reports_root=tmp_path)
+    out = capsys.readouterr().out
+    assert "4 runs, 0 finished, 4 to run" in out and out.count("] run ") == 4
+    assert not (tmp_path / "t").exists()
+
+
+# --- end to end with a tiny model (papermill, fresh kernels) -------------------------------------
+
+def tiny_sweep(tmp_path, tiny_model_dir, grid, name="tiny"):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document {i}: " + "the quick brown fox jumps. " * 20 for i in range(20)))
+    spec = {"name": name, "grid": grid,
+            "base": {"model": str(tiny_model_dir), "corpus": str(corpus), "seq_len": 32, "max_steps": 2,
+                     "batch_size": 2, "eval_blocks": 2, "timing_warmup_steps": 1, "warmup_steps": 1, "quant": "none"}}
+    return write(tmp_path, spec, f"{name}.yaml")
+
+
+def start(path, reports):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(reports)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+
+
+def wait_for(cond, timeout=120):
+    t = time.time()
+    while not cond():
+        if time.time() - t > timeout:
+            raise TimeoutError
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_killed_sweep_redoes_only_the_interrupted_run_and_refuses_a_second_sweep(tmp_path, tiny_model_dir):
+    path = tiny_sweep(tmp_path, tiny_model_dir, {"lora_r": [2, 4, 8]})
+    reports = tmp_path / "reports"
+    runs = reports / "tiny" / "runs"
+    configs = sweep.expand(sweep.load_sweep(path, reports))
+    first, second = (runs / f"{c['run_id']}.json" for c in configs[:2])
+    p = start(path, reports)
+    try:
+        wait_for(lambda: first.exists() and (runs / f"{configs[1]['run_id']}.ipynb").exists())
+        # a second sweep on the same folder refuses while this one runs
+        q = subprocess.run([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(reports)],
+                           cwd=ROOT, capture_output=True, text=True)
+        assert q.returncode == 2 and "already running" in q.stderr
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the runner and its kernel, mid-run
+        p.wait()
+    assert not second.exists()
+    states = {r["run_id"]: r["status"] for r in read_all(runs)}
+    assert states == {configs[0]["run_id"]: "ok"}  # no row from the interrupted run
+
+    p = start(path, reports)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    assert f"skip {configs[0]['run_id']} (ok)" in out
+    assert f"run {configs[1]['run_id']}" in out and f"run {configs[2]['run_id']}" in out
+    assert {r["status"] for r in read_all(runs)} == {"ok"} and len(read_all(runs)) == 3
+    summary = (reports / "tiny" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 3
+
+
+@pytest.mark.slow
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model_dir):
+    # seq_len 200 fits the model (context 256) but not the tiny corpus's eval split -> the run fails
+    path = tiny_sweep(tmp_path, tiny_model_dir, {"seq_len": [32, 200]}, name="fails")
+    states = sweep.run_sweep(path, report=False, reports_root=tmp_path / "r")
+    assert sorted(states.values()) == ["error", "ok"]
+    runs = tmp_path / "r" / "fails" / "runs"
+    bad = next(r for r in read_all(runs) if r["status"] == "error")
+    assert "seq_len=200" in bad["error"] and bad["config"]["seq_len"] == 200
+    nb = json.loads((runs / f"{bad['run_id']}.ipynb").read_text())  # kept, with papermill's error marker
+    assert any("papermill-error-cell" in "".join(c.get("source", "")) or
+               c.get("metadata", {}).get("tags") == ["papermill-error-cell-tag"] for c in nb["cells"])
