@@ -6,6 +6,9 @@ from pathlib import Path
 import torch
 
 DEFAULT_CORPUS = "pydoc"  # the Python reference topics every CPython ships (pydoc_data.topics)
+# Uniform random token ids, for synthetic (random-weight) models: their cost depends on shapes, not text.
+RANDOM_CORPUS = "random-tokens"
+SYNTHETIC_EVAL_BLOCKS = 16  # eval blocks of a random-tokens run when eval_blocks is 0 (there is no corpus end)
 
 
 def check_corpus_name(corpus: str) -> None:
@@ -13,14 +16,14 @@ def check_corpus_name(corpus: str) -> None:
     from .models import looks_like_hub_id
 
     path = Path(corpus).expanduser()
-    if corpus == DEFAULT_CORPUS or looks_like_hub_id(corpus.split(":")[0]):
+    if corpus in (DEFAULT_CORPUS, RANDOM_CORPUS) or looks_like_hub_id(corpus.split(":")[0]):
         return
     if path.suffix in (".txt", ".jsonl") and path.is_file():
         return
     why = "no such file" if path.suffix in (".txt", ".jsonl") else "not a known corpus"
     raise ValueError(
         f"corpus={corpus!r} is {why}: use {DEFAULT_CORPUS!r}, an existing local .txt or .jsonl file, "
-        "or a Hugging Face dataset id ('owner/name', optionally ':config')"
+        f"a Hugging Face dataset id ('owner/name', optionally ':config'), or {RANDOM_CORPUS!r} (synthetic models only)"
     )
 
 
@@ -98,7 +101,21 @@ def random_blocks(n_blocks: int, seq_len: int, vocab_size: int, seed: int = 0) -
 
 
 def prepare(config: dict, tokenizer, run: dict | None = None):
-    """The notebook's data step: documents -> split -> (train_blocks, eval_blocks), counts into run."""
+    """The notebook's data step: documents -> split -> (train_blocks, eval_blocks), counts into run.
+
+    corpus 'random-tokens' (synthetic models): exactly the blocks the run consumes, uniform over the
+    model's vocabulary; train blocks follow the run's seed, eval blocks a fixed one.
+    """
+    if config["corpus"] == RANDOM_CORPUS:
+        from .models import synthetic_vocab_size
+
+        vocab = synthetic_vocab_size(config["model"])
+        n_train = config["max_steps"] * config["batch_size"] * config["grad_accum"]
+        train = random_blocks(n_train, config["seq_len"], vocab, seed=config["seed"])
+        evals = random_blocks(config["eval_blocks"] or SYNTHETIC_EVAL_BLOCKS, config["seq_len"], vocab, seed=1234)
+        if run is not None:
+            run["metrics"].update(train_docs=None, eval_docs=None, train_blocks=len(train), eval_blocks_scored=len(evals))
+        return train, evals
     docs = load_documents(config["corpus"])
     train_docs, eval_docs = split_documents(docs, config["eval_fraction"])
     train = tokenize_blocks(train_docs, tokenizer, config["seq_len"])

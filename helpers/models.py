@@ -5,11 +5,13 @@ from_pretrained(quantization_config=...) -> (train.py) prepare_model_for_kbit_tr
 LoraConfig + get_peft_model.
 """
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -40,6 +42,52 @@ EMBEDDED = {
 }
 
 
+# Synthetic architectures: the exact shapes of public checkpoints (copied from their config.json), with
+# random weights written once into the cache, so they load through the same path as real weights and
+# load time and memory are those of a real checkpoint. Time, memory and energy depend on shapes, not
+# values; their perplexity (random weights on random tokens) is recorded but is never a quality figure.
+# They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
+SYNTHETIC = {
+    "llama-2-7b-shape": {
+        "shape_of": "meta-llama/Llama-2-7b-hf",  # 6.74 B parameters, MHA (32 KV heads), 4k context
+        "config": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    },
+    "mistral-7b-shape": {
+        "shape_of": "mistralai/Mistral-7B-v0.1",  # 7.24 B parameters, GQA 32/8, sliding window 4096
+        "config": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    },
+    "llama-3.2-1b-shape": {
+        "shape_of": "meta-llama/Llama-3.2-1B",  # 1.24 B parameters, GQA 32/8, tied embeddings, 128k vocab
+        "config": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                       tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    },
+    "tiny-llama-shape": {
+        "shape_of": "a 2-layer Llama for CPU tests",  # 0.14 M parameters
+        "config": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    },
+}
+SYNTHETIC_INIT_STD = 0.02  # normal(0, 0.02) for every matrix (Llama's initializer_range); norm weights 1
+SYNTHETIC_SEED = 0         # the base weights; the run's own seed drives LoRA init and data
+SHARD_BYTES = 2 * 2**30    # bf16 bytes per safetensors shard: bounds host memory while writing
+
+
+def is_synthetic(model: str) -> bool:
+    return model in SYNTHETIC
+
+
 def cache_dir() -> Path:
     """Where converted models live: $QLORA_STUDY_CACHE, else ~/.cache/qlora-study."""
     return Path(os.environ.get("QLORA_STUDY_CACHE") or Path.home() / ".cache" / "qlora-study")
@@ -53,10 +101,11 @@ def looks_like_hub_id(name: str) -> bool:
 
 def check_model_name(model: str) -> None:
     """Refuse a model that is neither embedded, a local folder, nor a hub id; name the options."""
-    if model in EMBEDDED or Path(model).expanduser().is_dir() or looks_like_hub_id(model):
+    if model in EMBEDDED or model in SYNTHETIC or Path(model).expanduser().is_dir() or looks_like_hub_id(model):
         return
     raise ValueError(
-        f"model={model!r} is not a known model: use one of {sorted(EMBEDDED)}, "
+        f"model={model!r} is not a known model: use one of {sorted(EMBEDDED)} (embedded, real weights), "
+        f"one of {sorted(SYNTHETIC)} (synthetic: real shape, random weights, cost figures only), "
         "a Hugging Face model id ('owner/name'), or an existing local folder"
     )
 
@@ -65,6 +114,8 @@ def context_length(model: str) -> int | None:
     """The model's maximum sequence length, from the registry or its config; None if unknown."""
     if model in EMBEDDED:
         return EMBEDDED[model]["context"]
+    if model in SYNTHETIC:
+        return SYNTHETIC[model]["config"]["max_position_embeddings"]
     try:
         from transformers import AutoConfig
 
@@ -134,11 +185,118 @@ def fetch_embedded(name: str = DEFAULT_MODEL, quiet: bool = False) -> Path:
     return dest
 
 
+def synthetic_config(name: str):
+    """The transformers config of a synthetic architecture (its real shape)."""
+    from transformers import AutoConfig
+
+    if name not in SYNTHETIC:
+        raise ValueError(f"model={name!r} is not a synthetic architecture: use one of {sorted(SYNTHETIC)}")
+    kw = dict(SYNTHETIC[name]["config"])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    cfg.dtype = "bfloat16"  # what the checkpoint stores, as in the real ones
+    return cfg
+
+
+def synthetic_vocab_size(name: str) -> int:
+    return SYNTHETIC[name]["config"]["vocab_size"]
+
+
+def _shard_plan(shapes: dict, shard_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most shard_bytes (bf16); a larger tensor gets its own."""
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 2 * math.prod(shape)
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_synthetic(name: str, dest: Path, seed: int = SYNTHETIC_SEED, shard_bytes: int = SHARD_BYTES,
+                    device: str | None = None) -> Path:
+    """Write a random-init bf16 safetensors checkpoint of a named architecture into dest (atomically).
+
+    Each tensor comes from its own seeded generator (seed, tensor index), so the checkpoint is the
+    same whichever shard size is used; tensors are made one shard at a time on `device` (a GPU makes
+    them fast; default: cuda if available), so host memory holds at most one shard.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = synthetic_config(name)
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        skeleton = AutoModelForCausalLM.from_config(cfg)
+    shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}  # tied weights appear once
+    del skeleton
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    index = {n: i for i, n in enumerate(shapes)}
+    plan = _shard_plan(shapes, shard_bytes)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    t0 = time.perf_counter()
+    try:
+        weight_map, total = {}, 0
+        for k, names in enumerate(plan, 1):
+            fname = f"model-{k:05d}-of-{len(plan):05d}.safetensors"
+            tensors = {}
+            for n in names:
+                if n.endswith("norm.weight"):  # RMSNorm scales start at 1, as in a fresh model
+                    t = torch.ones(shapes[n], dtype=torch.bfloat16)
+                else:
+                    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index[n])
+                    t = torch.randn(shapes[n], generator=g, device=device, dtype=torch.bfloat16)
+                    t = t.mul_(SYNTHETIC_INIT_STD).cpu()
+                tensors[n] = t
+                weight_map[n] = fname
+                total += t.numel() * t.element_size()
+            save_file(tensors, tmp / fname, metadata={"format": "pt"})
+            del tensors
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        cfg.save_pretrained(tmp)
+        source = {"synthetic": True, "architecture": name, "shape_of": SYNTHETIC[name]["shape_of"],
+                  "init": f"normal(0, {SYNTHETIC_INIT_STD}) bf16, norm weights 1", "seed": seed,
+                  "bytes": total, "write_s": round(time.perf_counter() - t0, 2)}
+        (tmp / "qlora_study_source.json").write_text(json.dumps(source, indent=1))
+        for f in tmp.iterdir():  # mkdtemp makes the folder private; a cache may be shared
+            f.chmod(0o644)
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(dest)  # atomic: a half-written checkpoint is never seen as the model
+        except OSError:
+            if not (dest / "config.json").exists():  # not another process finishing first: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if str(device).startswith("cuda"):  # leave no trace in this process's GPU memory figures
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return dest
+
+
+def fetch_synthetic(name: str, quiet: bool = False) -> Path:
+    """Return the folder of a synthetic checkpoint, writing it into the cache once."""
+    dest = cache_dir() / name
+    if (dest / "config.json").exists():
+        return dest
+    if not quiet:
+        print(f"writing the synthetic {name} checkpoint (random weights, shape of "
+              f"{SYNTHETIC[name]['shape_of']}) into {dest} (once)", flush=True)
+    return write_synthetic(name, dest)
+
+
 def resolve_model(model: str) -> str:
     """Model name -> what from_pretrained takes: a local folder (embedded or given) or a hub id."""
     check_model_name(model)
     if model in EMBEDDED:
         return str(fetch_embedded(model))
+    if model in SYNTHETIC:
+        return str(fetch_synthetic(model))
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -192,25 +350,31 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant: bool = True, device: str = "cpu"):
-    """Load tokenizer and model; return (model, tokenizer, info) with parameter counts and weights memory."""
+    """Load tokenizer and model; return (model, tokenizer, info) with parameter counts and weights memory.
+
+    A synthetic model has no tokenizer (None): it trains on random token ids.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = resolve_dtype(dtype, device)
     source = resolve_model(model)
     qcfg = bnb_config(quant, dtype, double_quant)
+    tok = None
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        if not is_synthetic(model):
+            tok = AutoTokenizer.from_pretrained(source)
         net = AutoModelForCausalLM.from_pretrained(
             source, dtype=DTYPES[dtype], quantization_config=qcfg, device_map={"": device}
         )
     except OSError as e:
         raise OSError(f"could not load model {model!r} from {source}: {e}") from e
-    if tok.pad_token is None:
+    if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
     _, total = count_parameters(net)
     info = {
         "model_source": source,
         "model_type": net.config.model_type,
+        "synthetic": is_synthetic(model),  # random weights: time/memory/energy only, perplexity is no quality
         "dtype_resolved": dtype,
         "params_total": total,
         "weights_gib": net.get_memory_footprint() / 2**30,  # parameters + buffers as stored (4-bit packed)
@@ -218,5 +382,12 @@ def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant
     return net, tok, info
 
 
-if __name__ == "__main__":  # `python -m helpers.models`: fetch and convert the embedded default once
-    print(f"default model ready: {fetch_embedded()}")
+if __name__ == "__main__":
+    # `python -m helpers.models [name ...]`: fetch/convert the embedded default, or write synthetic
+    # checkpoints, once into the cache (a sweep's first run then does not pay for it)
+    for name in sys.argv[1:] or [DEFAULT_MODEL]:
+        if name not in EMBEDDED and name not in SYNTHETIC:
+            sys.exit(f"unknown model {name!r}: use one of {sorted(EMBEDDED) + sorted(SYNTHETIC)}")
+        t0 = time.perf_counter()
+        path = resolve_model(name)
+        print(f"{name} ready: {path} ({time.perf_counter() - t0:.1f} s)", flush=True)

@@ -7,8 +7,8 @@ import platform
 import tempfile
 from pathlib import Path
 
-from .data import check_corpus_name
-from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length
+from .data import RANDOM_CORPUS, check_corpus_name
+from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic
 from .train import BNB_OPTIMIZERS, OPTIMIZERS
 
 SIDECAR_VERSION = 1
@@ -37,6 +37,11 @@ def validate(config: dict) -> None:
     _need(c["optimizer"] in OPTIMIZERS, "optimizer", c["optimizer"], f"use one of {list(OPTIMIZERS)}")
     check_model_name(c["model"])
     check_corpus_name(c["corpus"])
+    if is_synthetic(c["model"]) != (c["corpus"] == RANDOM_CORPUS):
+        raise ValueError(
+            f"corpus={c['corpus']!r} does not go with model={c['model']!r}: synthetic models (random weights, "
+            f"no tokenizer) train on corpus={RANDOM_CORPUS!r}, and only they do (its perplexity is no quality figure)"
+        )
     for name in ("lora_r", "max_steps", "batch_size", "grad_accum"):
         v = c[name]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "a whole number >= 1")
@@ -171,26 +176,60 @@ def start(config: dict) -> dict:
     }
 
 
+BUDGET_NOTE = ("emulated: torch's caching allocator capped at vram_budget_gib on a larger card; the CUDA context "
+               "and non-torch memory (cuBLAS, bitsandbytes paged) are outside the cap, so a real card of this size "
+               "has less room (compare peak_nvml_process_used_gib with the budget)")
+
+
 def apply_vram_budget(run: dict) -> None:
     """Emulate a smaller GPU: cap torch's caching allocator at vram_budget_gib (before the model loads).
 
     This caps only torch's allocator: the CUDA context and bitsandbytes' paged memory are outside it,
-    which is why NVML's used memory is recorded beside torch's peaks.
+    which is why NVML's used memory is recorded beside torch's peaks. The sidecar says it is an emulation.
     """
     budget = run["config"]["vram_budget_gib"]
+    run["metrics"]["vram_budget_emulated"] = bool(budget)
     if not budget:
         return
     import torch
 
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget * 2**30 / total))
-    run["metrics"]["vram_budget_emulated"] = True
+    if budget * 2**30 > total:
+        raise ValueError(f"vram_budget_gib={budget!r} is more than this card's {total / 2**30:.1f} GiB: "
+                         "use a smaller budget, or 0 for the whole card")
+    torch.cuda.set_per_process_memory_fraction(budget * 2**30 / total)
+    run["metrics"]["vram_budget_note"] = BUDGET_NOTE
 
 
-def is_oom(e: BaseException) -> bool:
+# How an out-of-memory reads when it is not a torch.OutOfMemoryError: the CUDA runtime ("CUDA error: out of
+# memory"; bitsandbytes' native code prints "Error out of memory at line ..."), cuBLAS failing to get its
+# workspace, the driver API, and the host allocator ("DefaultCPUAllocator: not enough memory").
+OOM_PATTERNS = ("out of memory", "cublas_status_alloc_failed", "cudaerrormemoryallocation",
+                "cuda_error_out_of_memory", "not enough memory", "outofmemoryerror")
+
+
+def is_oom(e) -> bool:
+    """An exception (or an error text, e.g. a dead kernel's output) that says memory ran out."""
     import torch
 
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
+    return any(p in text.lower() for p in OOM_PATTERNS)
+
+
+def record_memory(run: dict, steps=None) -> None:
+    """Memory figures into run["metrics"]: torch peaks, NVML peaks, non-torch memory, and for a budget
+    whether the whole process (context included) would have fitted a real card of that size."""
+    from .telemetry import memory_peaks
+
+    m = run["metrics"]
+    m.update(memory_peaks(run["device"], steps.nvml if steps else None, steps.history if steps else ()))
+    budget = run["config"]["vram_budget_gib"]
+    if budget and m.get("peak_reserved_gib") is not None:
+        m["peak_reserved_within_budget"] = m["peak_reserved_gib"] <= budget
+        used = m.get("peak_nvml_process_used_gib")
+        m["process_within_budget"] = None if used is None else used <= budget
 
 
 class guard:
@@ -208,14 +247,12 @@ class guard:
     def __exit__(self, kind, e, tb):
         if e is None or isinstance(e, KeyboardInterrupt):
             return False
-        from .telemetry import memory_peaks
-
         self.run["status"] = "oom" if is_oom(e) else "error"
         self.run["error"] = f"{type(e).__name__}: {e}"[:4000]
         if self.steps is not None:
             self.run["history"] = self.steps.history
         try:
-            self.run["metrics"].update(memory_peaks(self.run["device"]))
+            record_memory(self.run, self.steps)
         except Exception:
             pass
         write_sidecar(self.run["sidecar"], _record(self.run))
@@ -236,7 +273,9 @@ SUMMARY_KEYS = [
     ("weights_gib", "weights (GiB)"), ("load_s", "load (s)"), ("train_s", "train (s)"),
     ("step_time_median_s", "median step (s)"), ("tokens_per_s", "tokens/s (steady)"),
     ("peak_rss_gib", "peak RSS (GiB)"), ("peak_allocated_gib", "peak allocated (GiB)"),
-    ("peak_reserved_gib", "peak reserved (GiB)"), ("energy_j_per_1k_tokens", "energy (J / 1k tokens)"),
+    ("peak_reserved_gib", "peak reserved (GiB)"), ("peak_nvml_process_used_gib", "peak NVML process used (GiB)"),
+    ("non_torch_peak_gib", "non-torch incl. CUDA context (GiB)"), ("vram_budget_emulated", "VRAM budget emulated"),
+    ("energy_j_per_1k_tokens", "energy (J / 1k tokens)"),
     ("ppl_before", "perplexity before"), ("ppl_after", "perplexity after"),
 ]
 
@@ -246,7 +285,10 @@ def summary_table(run: dict):
     import pandas as pd
 
     m = {**run["metrics"], "status": run["status"]}
-    rows = [(label, m.get(key)) for key, label in SUMMARY_KEYS]
+    keys = SUMMARY_KEYS
+    if m.get("synthetic"):  # random weights on random tokens: recorded, never a quality figure
+        keys = [(k, f"{label} (synthetic: not quality)" if k.startswith("ppl_") else label) for k, label in keys]
+    rows = [(label, m.get(key)) for key, label in keys]
     return pd.DataFrame(rows, columns=["measure", run["run_id"]]).set_index("measure")
 
 

@@ -38,6 +38,17 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
 
 
+# NVML memory used on the device before this process made its CUDA context (set by gpu_baseline); lets
+# used_gib() estimate this process's use where NVML cannot list our pid (some containers).
+_DEVICE_USED_BEFORE_GIB: float | None = None
+
+
+def _cuda_index(device: str) -> int:
+    """torch's device index without initialising CUDA ('cuda' means the current device, 0 unless set)."""
+    _, _, n = str(device).partition(":")
+    return int(n) if n else (torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
+
+
 class Nvml:
     """The NVML readings we use, or None for each where NVML (or the counter) is missing."""
 
@@ -49,7 +60,7 @@ class Nvml:
             import pynvml
 
             pynvml.nvmlInit()
-            index = torch.cuda.current_device()
+            index = _cuda_index(device)
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             if visible:  # NVML numbers all GPUs; torch only the visible ones
                 index = int(visible.split(",")[index])
@@ -75,8 +86,11 @@ class Nvml:
         """(memory used by this process, memory used on the whole device), GiB.
 
         Includes what torch does not see: the CUDA context and bitsandbytes' paged memory.
-        The per-process figure is None where NVML cannot see our pid (e.g. in a container).
+        Where NVML cannot see our pid (e.g. in a container), the process figure is the device's used
+        memory minus what was used before our CUDA context (gpu_baseline), if that was read; else None.
         """
+        if self.handle is None:
+            return None, None
         try:
             device = self.nvml.nvmlDeviceGetMemoryInfo(self.handle).used / GIB
         except Exception:
@@ -88,7 +102,34 @@ class Nvml:
                     proc = p.usedGpuMemory / GIB
         except Exception:
             pass
+        if proc is None and _DEVICE_USED_BEFORE_GIB is not None:
+            proc = device - _DEVICE_USED_BEFORE_GIB
         return proc, device
+
+
+def gpu_baseline(device: str) -> dict:
+    """Before the model loads: device memory used by others, then the size of our CUDA context.
+
+    cuda_context_gib = NVML's used memory of this process right after the context is made, minus what
+    torch has reserved by then (one small block). It is outside any allocator cap (vram_budget_gib).
+    """
+    global _DEVICE_USED_BEFORE_GIB
+    out = {"nvml_device_used_before_gib": None, "cuda_context_gib": None}
+    if not str(device).startswith("cuda"):
+        return out
+    nvml = Nvml(device)
+    if not torch.cuda.is_initialized():  # else our context exists already and would count as "before"
+        _, _DEVICE_USED_BEFORE_GIB = nvml.used_gib()
+        out["nvml_device_used_before_gib"] = _DEVICE_USED_BEFORE_GIB
+    x = torch.empty(1, device=device)  # makes the context
+    sync(device)
+    proc, _ = nvml.used_gib()
+    if proc is not None:
+        out["cuda_context_gib"] = proc - torch.cuda.memory_reserved() / GIB
+    del x
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return out
 
 
 def memory_now(device: str, nvml: Nvml | None = None) -> dict:
@@ -108,12 +149,30 @@ def memory_now(device: str, nvml: Nvml | None = None) -> dict:
     return row
 
 
-def memory_peaks(device: str, nvml: Nvml | None = None) -> dict:
-    """Peaks since the last reset: torch allocator on a GPU, resident memory on the host."""
-    out = {"peak_rss_gib": peak_rss_gib(), "peak_allocated_gib": None, "peak_reserved_gib": None}
-    if str(device).startswith("cuda"):
-        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
-        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+def memory_peaks(device: str, nvml: Nvml | None = None, history=()) -> dict:
+    """Peaks since the last reset: torch allocator and NVML on a GPU, resident memory on the host.
+
+    NVML peaks are the largest of the per-step readings in `history` and one reading now (NVML has no
+    peak counter; torch's caching allocator keeps what it reserved, so step ends see its high-water
+    mark). non_torch_peak_gib = peak NVML process used - peak torch reserved: the CUDA context, cuBLAS
+    and other libraries' memory and bitsandbytes' paged memory, none of which an allocator cap limits.
+    """
+    out = {"peak_rss_gib": peak_rss_gib(), "peak_allocated_gib": None, "peak_reserved_gib": None,
+           "peak_nvml_process_used_gib": None, "peak_nvml_device_used_gib": None, "non_torch_peak_gib": None}
+    if not str(device).startswith("cuda"):
+        return out
+    out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+    out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+    nvml = nvml if nvml is not None else Nvml(device)
+    proc_now, device_now = nvml.used_gib()
+    procs = [r.get("nvml_process_used_gib") for r in history] + [proc_now]
+    devices = [r.get("nvml_device_used_gib") for r in history] + [device_now]
+    procs, devices = [x for x in procs if x is not None], [x for x in devices if x is not None]
+    if procs:
+        out["peak_nvml_process_used_gib"] = max(procs)
+        out["non_torch_peak_gib"] = out["peak_nvml_process_used_gib"] - out["peak_reserved_gib"]
+    if devices:
+        out["peak_nvml_device_used_gib"] = max(devices)
     return out
 
 
@@ -129,13 +188,15 @@ class StepTelemetry(TrainerCallback):
         self.nvml = Nvml(device)
         self.history: list[dict] = []
         self.energy_start_j = self.energy_end_j = None
-        self._t0 = None
+        self.window_s = None  # the training window the energy covers
+        self._t0 = self._train_t0 = None
         self._last_power = None
         self.sampled_energy_j = 0.0  # fallback: power sampled at step ends x step time
 
     def on_train_begin(self, args, state, control, **kw):
         sync(self.device)
         self.energy_start_j = self.nvml.energy_j() if self.nvml.handle else None
+        self._train_t0 = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kw):
         sync(self.device)
@@ -167,6 +228,7 @@ class StepTelemetry(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         sync(self.device)
         self.energy_end_j = self.nvml.energy_j() if self.nvml.handle else None
+        self.window_s = time.perf_counter() - self._train_t0
 
     def summary(self, warmup_steps: int) -> dict:
         """Steady-state throughput (after warm-up steps) and energy over the training window."""
@@ -181,12 +243,16 @@ class StepTelemetry(TrainerCallback):
             "step_time_median_s": _median([r["step_time_s"] for r in steady]),
             "energy_j": None,
             "energy_source": None,
+            "energy_window_s": self.window_s,
         }
         if self.energy_start_j is not None and self.energy_end_j is not None:
             out["energy_j"], out["energy_source"] = self.energy_end_j - self.energy_start_j, "nvml_counter"
         elif any(r["power_w"] is not None for r in self.history):
             out["energy_j"], out["energy_source"] = self.sampled_energy_j, "nvml_power_sampled"
-        out["energy_j_per_1k_tokens"] = out["energy_j"] / all_tokens * 1000 if out["energy_j"] is not None else None
+        e = out["energy_j"]
+        # whole window (warm-up steps included): energy per token covers everything the tokens cost
+        out["energy_j_per_1k_tokens"] = e / all_tokens * 1000 if e is not None and all_tokens else None
+        out["mean_power_w"] = e / self.window_s if e is not None and self.window_s else None
         return out
 
 

@@ -41,13 +41,15 @@ configuration, each in a fresh kernel so memory figures start clean.
 """),
     code('''
 # --- model --------------------------------------------------------------------------------------
-model: str = "smollm2-135m"    # embedded default (no hub needed), a Hugging Face id 'owner/name', or a local folder
+model: str = "smollm2-135m"    # embedded default (no hub needed), a Hugging Face id 'owner/name', a local folder, or a synthetic
+                               # shape (random weights, cost only): llama-2-7b-shape | mistral-7b-shape | llama-3.2-1b-shape | tiny-llama-shape
 quant: str = "nf4"             # none | nf4 | fp4 | int8 -- base weights: none is 16-bit LoRA, the others QLoRA-style
 dtype: str = "auto"            # auto | bfloat16 | float16 | float32 -- base dtype (quant none) and 4-bit compute dtype;
                                # auto: bfloat16 on a GPU, float32 on a CPU (bf16 is emulated, ~25x slower, on many CPUs)
 double_quant: bool = True      # 4-bit only: also quantize the quantization constants (~0.37 bit/param saved)
 # --- data ---------------------------------------------------------------------------------------
 corpus: str = "pydoc"          # pydoc (ships with Python) | a local .txt / .jsonl | a hub dataset 'owner/name[:config]'
+                               # | random-tokens (uniform token ids; synthetic models, and only they, use it)
 seq_len: int = 256             # tokens per block; activation memory grows with it
 eval_fraction: float = 0.1     # share of *documents* held out for perplexity (split by document, fixed seed)
 eval_blocks: int = 16          # eval blocks scored before and after training (0: all); bounds eval time on a CPU
@@ -67,7 +69,8 @@ optimizer: str = "adamw_torch" # adamw_torch | adamw_8bit | paged_adamw_8bit | p
 seed: int = 0                  # LoRA init and batch order; the eval split does not depend on it
 # --- measurement --------------------------------------------------------------------------------
 timing_warmup_steps: int = 3   # first steps left out of steady-state tokens/s (allocator and kernel warm-up)
-vram_budget_gib: float = 0.0   # emulate a smaller GPU by capping torch's allocator (GiB); 0: whole card; GPU only
+vram_budget_gib: float = 0.0   # emulate a smaller GPU by capping torch's allocator (GiB); 0: whole card; GPU only.
+                               # An emulation: the CUDA context and non-torch memory are outside the cap
 device: str = "auto"           # auto | cpu | cuda | cuda:N
 # --- output -------------------------------------------------------------------------------------
 output_dir: str = "reports/scratch/runs"  # the sidecar goes here (relative to the project root)
@@ -81,16 +84,25 @@ runs.validate(config)
 run = runs.start(config)
 print(f"run {run['run_id']} -> {run['sidecar']}")
 '''),
-    md("## 2 · Load the model\nThe VRAM budget (if any) is applied before the first allocation. Weights memory is read right after loading."),
+    md("""## 2 · Load the model
+On a GPU, NVML's used memory is read before and after the CUDA context is made (the context is outside any
+VRAM budget). Getting the weights (download, GGUF conversion, or writing a synthetic checkpoint: once per cache)
+is timed apart from loading them. The VRAM budget (if any) is applied before the first allocation of the model.
+A budget is an *emulation*: torch's allocator is capped on a larger card; weights memory is read right after loading."""),
     code('''
 from helpers import models, telemetry
+run["metrics"].update(telemetry.gpu_baseline(run["device"]))
+with runs.guard(run), telemetry.phase("fetch", run["metrics"]):
+    models.resolve_model(model)
 with runs.guard(run), telemetry.phase("load", run["metrics"], run["device"]):
     runs.apply_vram_budget(run)
     net, tokenizer, info = models.load_model(model, quant, dtype, double_quant, device=run["device"])
 run["metrics"].update(info)
-print(f"{info['params_total']/1e6:.1f} M parameters, weights {info['weights_gib']*1024:.0f} MiB, load {run['metrics']['load_s']:.1f} s")
+print(f"{info['params_total']/1e6:.1f} M parameters, weights {info['weights_gib']*1024:.0f} MiB, load {run['metrics']['load_s']:.1f} s"
+      + (" -- synthetic: random weights, cost figures only" if info["synthetic"] else ""))
 '''),
-    md("## 3 · Corpus: split by document, cut into blocks\nNo document is on both sides of the split; every block holds `seq_len` tokens."),
+    md("## 3 · Corpus: split by document, cut into blocks\nNo document is on both sides of the split; every block holds `seq_len` tokens. "
+       "A synthetic model trains on `random-tokens`: uniform random token ids (its cost depends on shapes, not text)."),
     code('''
 from helpers import data
 train_blocks, eval_blocks_t = data.prepare(config, tokenizer, run)
@@ -102,7 +114,8 @@ from helpers.evaluate import perplexity
 with runs.guard(run), telemetry.phase("eval_before", run["metrics"], run["device"]):
     before = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
 run["metrics"]["ppl_before"] = before["ppl"]
-print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens")
+not_quality = " (synthetic: random weights and tokens -- recorded, not a quality figure)" if info["synthetic"] else ""
+print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{not_quality}")
 '''),
     md("## 5 · Attach LoRA\nFreeze the base, add adapters; gradient checkpointing is set up identically in the 16-bit and quantized arms."),
     code('''
@@ -113,7 +126,9 @@ net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, 
 run["metrics"]["params_trainable"], _ = models.count_parameters(net)
 print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
-    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory); energy from NVML on a GPU."),
+    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
+       "energy from NVML's counter over the training window on a GPU. Memory peaks: torch (allocated, reserved), NVML "
+       "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
 steps = telemetry.StepTelemetry(run["device"], tokens_per_step=batch_size * grad_accum * (seq_len - 1))
 trainer = make_trainer(net, train_blocks, device=run["device"], dtype=info["dtype_resolved"], quant=quant, max_steps=max_steps,
@@ -123,15 +138,19 @@ with runs.guard(run, steps), telemetry.phase("train", run["metrics"], run["devic
     trainer.train()
 run["history"] = steps.history
 run["metrics"].update(steps.summary(timing_warmup_steps))
-run["metrics"].update(telemetry.memory_peaks(run["device"], steps.nvml))
-print(f"{run['metrics']['tokens_per_s']:.0f} tokens/s steady, median step {run['metrics']['step_time_median_s']:.3f} s")
+runs.record_memory(run, steps)
+m = run["metrics"]
+print(f"{m['tokens_per_s']:.0f} tokens/s steady, median step {m['step_time_median_s']:.3f} s")
+if m["peak_reserved_gib"] is not None:
+    print(f"peak torch reserved {m['peak_reserved_gib']:.2f} GiB, NVML process {m['peak_nvml_process_used_gib'] or float('nan'):.2f} GiB, "
+          f"energy {m['energy_j_per_1k_tokens'] or float('nan'):.1f} J / 1k tokens")
 '''),
     md("## 7 · Perplexity after training"),
     code('''
 with runs.guard(run), telemetry.phase("eval_after", run["metrics"], run["device"]):
     after = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
 run["metrics"]["ppl_after"] = after["ppl"]
-print(f"perplexity after: {after['ppl']:.3f} (before {before['ppl']:.3f})")
+print(f"perplexity after: {after['ppl']:.3f} (before {before['ppl']:.3f}){not_quality}")
 '''),
     md("## 8 · Results\nThe sidecar is written last and atomically: a run without one did not finish."),
     code('''

@@ -1,0 +1,113 @@
+"""GPU telemetry logic, checked on a CPU with NVML and torch.cuda readings stood in for."""
+import json
+import math
+
+import pytest
+import torch
+
+from helpers import runs, telemetry
+from tests.conftest import base_config
+
+GIB = 2**30
+
+
+class FakeNvml:
+    handle = object()
+
+    def __init__(self, proc, device):
+        self.reading = (proc, device)
+
+    def used_gib(self):
+        return self.reading
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch.cuda peaks and card size as a 16 GiB card would report them; records the allocator cap."""
+    state = {"fraction": None}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 6 * GIB)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 16 * GIB})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, *a: state.update(fraction=f))
+    return state
+
+
+def test_memory_peaks_take_nvml_maximum_and_non_torch_part(fake_cuda):
+    history = [{"nvml_process_used_gib": 6.2, "nvml_device_used_gib": 7.0},
+               {"nvml_process_used_gib": 6.9, "nvml_device_used_gib": 7.5},
+               {"nvml_process_used_gib": None, "nvml_device_used_gib": None}]
+    p = telemetry.memory_peaks("cuda", FakeNvml(6.5, 7.2), history)
+    assert p["peak_allocated_gib"] == 5 and p["peak_reserved_gib"] == 6
+    assert p["peak_nvml_process_used_gib"] == 6.9 and p["peak_nvml_device_used_gib"] == 7.5
+    assert math.isclose(p["non_torch_peak_gib"], 0.9)
+    none = telemetry.memory_peaks("cuda", FakeNvml(None, None), [])
+    assert none["peak_nvml_process_used_gib"] is None and none["non_torch_peak_gib"] is None  # absent, not 0
+
+
+def test_memory_peaks_on_cpu_leave_gpu_figures_absent():
+    p = telemetry.memory_peaks("cpu")
+    assert p["peak_rss_gib"] > 0
+    assert all(p[k] is None for k in ("peak_allocated_gib", "peak_reserved_gib", "peak_nvml_process_used_gib"))
+
+
+def test_energy_over_the_training_window():
+    s = telemetry.StepTelemetry("cpu", tokens_per_step=1000)
+    s.history = [{"step": i, "step_time_s": 0.5, "tokens": 1000, "power_w": None} for i in range(1, 5)]
+    s.energy_start_j, s.energy_end_j, s.window_s = 10_000.0, 11_200.0, 2.4
+    out = s.summary(warmup_steps=1)
+    assert out["energy_source"] == "nvml_counter" and out["energy_j"] == 1200
+    assert out["energy_j_per_1k_tokens"] == 300  # 1200 J over all 4000 tokens of the window
+    assert out["mean_power_w"] == 500
+    assert out["tokens_per_s"] == 3000 / 1.5  # steady state leaves the warm-up step out
+
+
+def test_budget_is_applied_as_allocator_cap_and_labelled_emulation(fake_cuda):
+    run = {"config": base_config(vram_budget_gib=6.0), "metrics": {}}
+    runs.apply_vram_budget(run)
+    assert fake_cuda["fraction"] == 6 / 16
+    assert run["metrics"]["vram_budget_emulated"] is True and "emulated" in run["metrics"]["vram_budget_note"]
+    whole = {"config": base_config(vram_budget_gib=0.0), "metrics": {}}
+    runs.apply_vram_budget(whole)
+    assert whole["metrics"] == {"vram_budget_emulated": False}
+    with pytest.raises(ValueError, match=r"vram_budget_gib=20.0 is more than this card's 16.0 GiB"):
+        runs.apply_vram_budget({"config": base_config(vram_budget_gib=20.0), "metrics": {}})
+
+
+def test_record_memory_checks_budget_with_and_without_context(fake_cuda):
+    steps = telemetry.StepTelemetry("cpu", 10)
+    steps.nvml = FakeNvml(6.4, 8.0)
+    run = {"device": "cuda", "config": base_config(vram_budget_gib=6.0), "metrics": {}}
+    runs.record_memory(run, steps)
+    m = run["metrics"]
+    assert m["peak_reserved_within_budget"] is True  # torch stayed under the cap (6 <= 6)...
+    assert m["process_within_budget"] is False  # ...but with the CUDA context it would not fit a real 6 GiB card
+
+
+@pytest.mark.parametrize("error, oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"), True),
+    ("Error out of memory at line 412 in file /src/csrc/pythonInterface.cpp", True),  # bitsandbytes native
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory"), True),
+    (MemoryError(), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x64 and 32x64)"), False),
+    (ValueError("seq_len=9000 is not allowed"), False),
+])
+def test_oom_is_recognised_in_its_forms(error, oom):
+    assert runs.is_oom(error) is oom
+
+
+@pytest.mark.parametrize("error, status", [
+    (torch.OutOfMemoryError("CUDA out of memory"), "oom"),
+    (RuntimeError("CUDA error: out of memory"), "oom"),
+    (RuntimeError("something else broke"), "error"),
+])
+def test_guard_writes_a_sidecar_with_the_outcome(tmp_path, error, status):
+    run = runs.start(base_config(output_dir=str(tmp_path), device="cpu"))
+    with pytest.raises(type(error)), runs.guard(run):
+        raise error
+    r = runs.read_sidecar(run["sidecar"])
+    assert r["status"] == status and str(error) in r["error"]
+    assert r["metrics"]["peak_rss_gib"] > 0 and "peak_reserved_gib" in r["metrics"]
+    assert json.loads(open(run["sidecar"]).read())["config"]["output_dir"] == str(tmp_path)
