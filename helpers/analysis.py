@@ -1,0 +1,604 @@
+"""One sweep, analysed: its sidecars as tidy tables, and one function per chart.
+
+    summary, history = load_sweep("reports/default")
+    fig, takeaway = throughput(summary)
+
+Every chart function returns (figure, takeaway), the takeaway a line computed from the same rows the
+figure draws; where the sweep lacks the data (a CPU has no energy counter) it returns (None, a sentence
+saying why). Only runs with status ok are measured; failed runs show in the feasibility matrix and the
+run table. Synthetic runs (random weights of a named shape) count for time, memory and energy but
+never for quality: their perplexity and loss mean nothing.
+"""
+import math
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.io.base_renderers import MimetypeRenderer
+from plotly.subplots import make_subplots
+
+from . import runs
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+QUANT_ORDER = ("none", "int8", "nf4", "fp4")  # 16-bit base first, then by bits per weight
+# Config keys that do not make a configuration different: where results go, the seed (a repeat),
+# the device string, and the VRAM budget (the feasibility matrix's other axis).
+NOT_CONFIG = ("run_id", "output_dir", "seed", "device", "vram_budget_gib")
+STATUS_CODE = {"ok": 0, "oom": 1, "error": 2}
+STATUS_COLOR = {"ok": "#2ca02c", "oom": "#d62728", "error": "#7f7f7f"}
+# Every metric a chart reads: absent from a sidecar means not measured (NaN), never zero.
+METRICS = ("load_s", "eval_before_s", "train_s", "eval_after_s", "weights_gib", "params_total", "params_trainable",
+           "ppl_before", "ppl_after", "tokens_per_s", "step_time_median_s", "peak_rss_gib", "peak_allocated_gib",
+           "peak_reserved_gib", "peak_nvml_process_used_gib", "energy_j", "energy_j_per_1k_tokens")
+# Names a sidecar may use for the NVML per-process peak; else it is the maximum of the step rows.
+NVML_PEAK_KEYS = ("peak_nvml_process_used_gib", "nvml_process_used_gib_peak", "peak_nvml_used_gib")
+# The training notebook's parameters, for tables that lost the sweep's own list (summary.attrs['config_keys']).
+CONFIG_KEYS_FALLBACK = ("model", "quant", "dtype", "double_quant", "corpus", "seq_len", "eval_fraction",
+                        "eval_blocks", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+                        "gradient_checkpointing", "max_steps", "batch_size", "grad_accum", "learning_rate",
+                        "warmup_steps", "optimizer", "timing_warmup_steps")
+Q4_1_NOTE = "smollm2-135m's weights were already rounded to 4 bits (Q4_1) in the GGUF it ships as"
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def resolve_sweep_dir(sweep_dir) -> Path:
+    """A sweep folder; a relative path is relative to the project root (the parent of helpers/)."""
+    p = Path(sweep_dir).expanduser()
+    p = p if p.is_absolute() else PROJECT_ROOT / p
+    if not (p / "runs").is_dir():
+        raise FileNotFoundError(f"{p} is not a sweep folder: it has no runs/ subfolder")
+    return p
+
+
+def notebook_problem(path) -> str | None:
+    """None if the executed run notebook reads as a notebook, else why not (truncated, not JSON, ...)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+    except Exception as e:  # nbformat raises NotJSONError, ValueError, KeyError, ... for broken files
+        return f"{Path(path).name}: not a readable notebook ({type(e).__name__}: {str(e)[:200]})"
+    if not isinstance(nb.get("cells"), list):
+        return f"{Path(path).name}: notebook has no cells"
+    return None
+
+
+def is_synthetic(row) -> bool:
+    """Random weights of a named shape: their perplexity and loss are no quality figure."""
+    flag = row.get("synthetic")
+    if isinstance(flag, bool) or (isinstance(flag, (int, float)) and not pd.isna(flag)):
+        if bool(flag):
+            return True
+    return str(row.get("model") or "").endswith("-shape") or row.get("corpus") == "random-tokens"
+
+
+def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary, history) of a sweep folder.
+
+    summary: one row per run (helpers.runs.summary_rows: run_id, status, error, config, metrics, env_*),
+    plus `notebook` (ok | missing | corrupt, and `notebook_error` saying why), `synthetic`, and `config` (a label made of the config
+    keys that vary in this sweep). A corrupt sidecar is a row with status corrupt; an executed notebook
+    with no sidecar is a row with status corrupt (unreadable) or unfinished; the rest load as usual.
+    history: one row per training step of every readable run, with run_id and the config columns.
+    """
+    folder = resolve_sweep_dir(sweep_dir)
+    records = runs.read_all(folder / "runs")
+    rows = runs.summary_rows(records)
+    by_id = {r["run_id"]: r for r in rows}
+    for r in rows:
+        r["notebook"], r["notebook_error"] = "missing", None
+    for nb in sorted((folder / "runs").glob("*.ipynb")):
+        problem = notebook_problem(nb)
+        if nb.stem in by_id:
+            by_id[nb.stem].update(notebook="corrupt" if problem else "ok", notebook_error=problem)
+        else:  # papermill wrote the notebook but no sidecar followed: the run was cut short
+            row = {"run_id": nb.stem, "notebook": "corrupt" if problem else "ok", "notebook_error": problem}
+            if problem:
+                row.update(status="corrupt", error=problem)
+            else:
+                row.update(status="unfinished", error="executed notebook without a sidecar: the run did not finish")
+            rows.append(row)
+
+    steps = []
+    for rec in records:
+        for h in rec.get("history") or []:
+            if isinstance(h, dict):
+                steps.append({"run_id": rec.get("run_id"), **h})
+    history = pd.DataFrame(steps, columns=None if steps else ["run_id", "step", "loss", "step_time_s"])
+
+    summary = pd.DataFrame(rows)
+    for col in ("run_id", "status", "error", "notebook", "model", "quant", "lora_r", "vram_budget_gib",
+                "env_device", *METRICS):
+        if col not in summary.columns:
+            summary[col] = None
+    for key in NVML_PEAK_KEYS[1:]:  # a later sidecar may name the NVML peak differently
+        if key in summary.columns:
+            summary["peak_nvml_process_used_gib"] = summary["peak_nvml_process_used_gib"].fillna(summary[key])
+    if "nvml_process_used_gib" in history.columns and not history.empty:
+        step_peak = history.groupby("run_id")["nvml_process_used_gib"].max()
+        summary["peak_nvml_process_used_gib"] = summary["peak_nvml_process_used_gib"].fillna(
+            summary["run_id"].map(step_peak))
+    for col in METRICS:
+        summary[col] = pd.to_numeric(summary[col], errors="coerce")
+    summary["vram_budget_gib"] = pd.to_numeric(summary["vram_budget_gib"], errors="coerce").fillna(0.0)
+    summary["synthetic"] = [is_synthetic(r) for r in summary.to_dict("records")]
+    summary = _sort_runs(summary)
+    summary.attrs["config_keys"] = sorted(_config_keys(records))
+    summary["config"] = config_labels(summary)
+    summary = summary.reset_index(drop=True)
+
+    config_cols = [c for c in summary.columns
+                   if c in _config_keys(records) or c in ("status", "synthetic", "config")]
+    if not history.empty:
+        history = history.merge(summary[["run_id", *config_cols]], on="run_id", how="left")
+        for col in ("step", "loss", "step_time_s"):
+            if col in history.columns:
+                history[col] = pd.to_numeric(history[col], errors="coerce")
+    return summary, history
+
+
+def _config_keys(records) -> set:
+    return {k for r in records for k in (r.get("config") or {}) if k != "run_id"}
+
+
+def _sort_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs in a reading order: model, then 16-bit before quantized, then rank, budget, seed."""
+    quant_rank = df["quant"].map(lambda q: QUANT_ORDER.index(q) if q in QUANT_ORDER else len(QUANT_ORDER))
+    keys = pd.DataFrame({"model": df["model"].astype(str), "q": quant_rank,
+                         "r": pd.to_numeric(df["lora_r"], errors="coerce")})
+    for extra in ("seq_len", "vram_budget_gib", "seed"):
+        if extra in df.columns:
+            keys[extra] = pd.to_numeric(df[extra], errors="coerce")
+    order = keys.sort_values(list(keys.columns), kind="stable", na_position="last").index
+    return df.loc[order]
+
+
+def _fmt(key, value) -> str:
+    if key == "quant":
+        return str(value)
+    if key == "lora_r":
+        return f"r{int(value)}" if not pd.isna(value) else "r?"
+    if key == "model":
+        return Path(str(value)).name
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"{key}={value}"
+
+
+def config_labels(summary: pd.DataFrame, exclude=()) -> pd.Series:
+    """A short label per run from the config keys that vary in this sweep: 'nf4 · r8', 'none · r32 · seq_len=512'.
+
+    quant and rank are always named; the model only when the sweep has several. exclude drops more keys.
+    """
+    skip = set(NOT_CONFIG) | set(exclude)
+    has_config = summary["quant"].notna()
+    cand = [c for c in summary.attrs.get("config_keys", CONFIG_KEYS_FALLBACK) if c in summary.columns]
+    varying = [c for c in cand if c not in skip and summary.loc[has_config, c].astype(str).nunique() > 1]
+    keys = [k for k in ("model", "quant", "lora_r") if k not in set(exclude)]
+    keys = [k for k in keys if k != "model" or "model" in varying]
+    named = summary.loc[has_config].astype({k: str for k in varying})
+    for k in varying:  # add a key only if the label so far does not already tell it (corpus follows model)
+        if k not in keys and (not keys or named.groupby(keys)[k].nunique().max() > 1):
+            keys.append(k)
+    labels = []
+    for rec in summary.to_dict("records"):
+        if pd.isna(rec.get("quant")):
+            labels.append(None)  # a corrupt or unfinished run: no config to label
+        else:
+            labels.append(" · ".join(_fmt(k, rec.get(k)) for k in keys) or "all runs")
+    return pd.Series(labels, index=summary.index, dtype=object)
+
+
+
+def _ok(summary: pd.DataFrame) -> pd.DataFrame:
+    return summary[summary["status"] == "ok"]
+
+
+def _by_config(df: pd.DataFrame, cols) -> pd.DataFrame:
+    """Median over repeats (seeds, budgets) per configuration, in the sweep's reading order."""
+    order = list(dict.fromkeys(df["config"]))
+    out = df.groupby("config", sort=False)[list(cols)].median(numeric_only=True)
+    return out.reindex(order)
+
+
+def _device_words(summary: pd.DataFrame) -> str:
+    devs = sorted({str(d) for d in summary["env_device"].dropna()})
+    return ", ".join(devs) if devs else "an unknown device"
+
+
+def _on_cpu_only(summary: pd.DataFrame) -> bool:
+    devs = {str(d) for d in summary["env_device"].dropna()}
+    return bool(devs) and all(d == "cpu" for d in devs)
+
+
+# --- overview tables -----------------------------------------------------------------------------
+
+def overview(summary: pd.DataFrame) -> str:
+    """One line: how many runs, by status, on what device."""
+    if summary.empty:
+        return "This sweep folder has no runs yet."
+    counts = summary["status"].value_counts()
+    parts = ", ".join(f"{counts[s]} {s}" for s in ("ok", "oom", "error", "corrupt", "unfinished") if s in counts)
+    names = sorted({str(n) for n in summary.get("env_device_name", pd.Series(dtype=object)).dropna()})
+    where = _device_words(summary) + (f" ({', '.join(names)})" if names else "")
+    bad_nb = int((summary["notebook"] == "corrupt").sum())
+    nb = f"; {bad_nb} executed run notebook(s) unreadable" if bad_nb else ""
+    return f"{len(summary)} runs: {parts}; on {where}{nb}."
+
+
+def run_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every run with its outcome and headline figures; failed and corrupt runs included and marked."""
+    cols = ["config", "vram_budget_gib", "seed", "status", "notebook", "tokens_per_s", "train_s", "peak_rss_gib",
+            "peak_reserved_gib", "ppl_before", "ppl_after", "error", "run_id"]
+    t = summary[[c for c in cols if c in summary.columns]].copy()
+    problems = [e if isinstance(e, str) else n if isinstance(n, str) else ""
+                for e, n in zip(summary["error"], summary.get("notebook_error", summary["error"]))]
+    t["error"] = [p if len(p) <= 160 else p[:157] + "..." for p in problems]
+    for col in ("tokens_per_s", "train_s", "peak_rss_gib", "peak_reserved_gib", "ppl_before", "ppl_after"):
+        if col in t.columns:
+            t[col] = t[col].round(3 if col.startswith("ppl") else 2)
+    t.index = range(1, len(t) + 1)
+    return t
+
+
+# --- charts --------------------------------------------------------------------------------------
+
+def _budget_label(b: float) -> str:
+    return "whole device" if b == 0 else f"{b:g} GiB"
+
+
+def feasibility_matrix(summary: pd.DataFrame):
+    """Configuration x VRAM budget, each cell ok / oom / error (the worst over repeats)."""
+    df = summary[summary["status"].isin(list(STATUS_CODE))]
+    if df.empty:
+        return None, "No feasibility matrix: no run in this sweep has a readable sidecar."
+    budgets = sorted(df["vram_budget_gib"].unique(), key=lambda b: math.inf if b == 0 else b)
+    configs = list(dict.fromkeys(df["config"]))
+    z, text, hover = [], [], []
+    for c in configs:
+        zr, tr, hr = [], [], []
+        for b in budgets:
+            cell = df[(df["config"] == c) & (df["vram_budget_gib"] == b)]
+            if cell.empty:
+                zr.append(None)
+                tr.append("")
+                hr.append("not run")
+                continue
+            worst = max(cell["status"], key=STATUS_CODE.get)
+            n_ok = int((cell["status"] == "ok").sum())
+            zr.append(STATUS_CODE[worst])
+            tr.append(worst if len(cell) == 1 else f"{worst} ({n_ok}/{len(cell)} ok)")
+            err = next((str(e) for e in cell["error"] if isinstance(e, str) and e), "")
+            hr.append(f"{worst}: {err[:120]}" if err else worst)
+        z.append(zr)
+        text.append(tr)
+        hover.append(hr)
+    colorscale = [[0, STATUS_COLOR["ok"]], [1 / 3, STATUS_COLOR["ok"]], [1 / 3, STATUS_COLOR["oom"]],
+                  [2 / 3, STATUS_COLOR["oom"]], [2 / 3, STATUS_COLOR["error"]], [1, STATUS_COLOR["error"]]]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[_budget_label(b) for b in budgets], y=configs, text=text, customdata=hover,
+        texttemplate="%{text}", hovertemplate="%{y} at %{x}<br>%{customdata}<extra></extra>",
+        zmin=-0.5, zmax=2.5, colorscale=colorscale, showscale=False, xgap=3, ygap=3))
+    fig.update_layout(title="Feasibility: did the configuration train within the memory budget?",
+                      xaxis_title="vram_budget_gib (torch allocator cap)", yaxis_title="configuration",
+                      yaxis_autorange="reversed", height=max(260, 60 + 45 * len(configs)))
+
+    n = len(df)
+    counts = df["status"].value_counts()
+    line = (f"{counts.get('ok', 0)} of {n} runs trained, {counts.get('oom', 0)} ran out of memory, "
+            f"{counts.get('error', 0)} failed with another error")
+    capped = [b for b in budgets if b > 0]
+    if capped:
+        smallest = capped[0]
+        at = df[df["vram_budget_gib"] == smallest]
+        fit = [c for c in configs if ((at["config"] == c) & (at["status"] == "ok")).any()]
+        line += f"; at the smallest budget ({smallest:g} GiB) {len(fit)} of {at['config'].nunique()} configurations fit"
+        line += f" ({', '.join(fit)})" if fit and len(fit) < at["config"].nunique() else ""
+        all_fit = [b for b in capped if set(df.loc[df["vram_budget_gib"] == b, "config"]) <= set(
+            df.loc[(df["vram_budget_gib"] == b) & (df["status"] == "ok"), "config"])]
+        if all_fit and all_fit[0] != smallest:
+            line += f"; all fit from {all_fit[0]:g} GiB"
+    return fig, line + "."
+
+
+def peak_memory(summary: pd.DataFrame):
+    """Weights after load and peak memory per configuration: torch allocated / reserved and NVML on a GPU;
+    peak resident memory of the process on a CPU."""
+    ok = _ok(summary)
+    if ok.empty:
+        return None, "No memory chart: no run in this sweep finished."
+    gpu = [("peak_allocated_gib", "peak allocated (torch)"), ("peak_reserved_gib", "peak reserved (torch)"),
+           ("peak_nvml_process_used_gib", "peak process used (NVML)")]
+    measures = [m for m in gpu if ok[m[0]].notna().any()]
+    if not measures:
+        measures = [("peak_rss_gib", "peak resident memory (process, CPU)")] if ok["peak_rss_gib"].notna().any() else []
+    if not measures:
+        return None, "No memory chart: the finished runs recorded no memory peaks."
+    shown = ([("weights_gib", "weights after load")] if ok["weights_gib"].notna().any() else []) + measures
+    med = _by_config(ok, [m[0] for m in shown])
+    fig = go.Figure([go.Bar(name=label, x=med.index, y=med[col], hovertemplate="%{x}<br>%{y:.2f} GiB")
+                     for col, label in shown])
+    fig.update_layout(barmode="group", title="Memory by configuration (median over repeats)",
+                      yaxis_title="GiB", xaxis_title="configuration", legend_title="measure", height=450)
+
+    col, label = measures[-1]  # the widest measure: NVML (sees CUDA context + bitsandbytes), else reserved, else RSS
+    vals = med[col].dropna()
+    lo, hi = vals.idxmin(), vals.idxmax()
+    if lo == hi:
+        return fig, f"{lo} peaks at {vals[lo]:.2f} GiB ({label})."
+    return fig, (f"{lo} needs the least memory: {vals[lo]:.2f} GiB {label}, "
+                 f"{100 * (1 - vals[lo] / vals[hi]):.0f}% below {hi} ({vals[hi]:.2f} GiB).")
+
+
+def throughput(summary: pd.DataFrame):
+    """Steady-state tokens/s, and wall-clock per phase (load, eval before, train, eval after)."""
+    ok = _ok(summary)
+    if ok.empty or ok["tokens_per_s"].isna().all():
+        return None, "No throughput chart: no finished run recorded its speed."
+    phases = [("load_s", "load"), ("eval_before_s", "eval before"), ("train_s", "train"), ("eval_after_s", "eval after")]
+    phases = [p for p in phases if ok[p[0]].notna().any()]
+    med = _by_config(ok, ["tokens_per_s"] + [p[0] for p in phases])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("steady-state tokens/s (higher is better)",
+                                                        "wall-clock by phase, s (lower is better)"))
+    fig.add_trace(go.Bar(x=med.index, y=med["tokens_per_s"], name="tokens_per_s", showlegend=False,
+                         marker_color="#1f77b4", hovertemplate="%{x}<br>%{y:.1f} tokens/s"), row=1, col=1)
+    for col, label in phases:
+        fig.add_trace(go.Bar(x=med.index, y=med[col], name=label, hovertemplate="%{x}<br>%{y:.1f} s"), row=1, col=2)
+    fig.update_layout(barmode="stack", title="Throughput and wall-clock (median over repeats)", height=450,
+                      legend_title="phase")
+    fig.update_yaxes(title_text="tokens_per_s", row=1, col=1)
+    fig.update_yaxes(title_text="s", row=1, col=2)
+
+    tps = med["tokens_per_s"].dropna()
+    fast, slow = tps.idxmax(), tps.idxmin()
+    line = f"{fast} is fastest at {tps[fast]:.1f} tokens/s"
+    if fast != slow:
+        line += f", {tps[fast] / tps[slow]:.2f}x {slow} ({tps[slow]:.1f} tokens/s)"
+    if "train_s" in med.columns and med["train_s"].notna().any():
+        t = med["train_s"].dropna()
+        line += f"; training took {t.min():.0f}–{t.max():.0f} s" if len(t) > 1 else f"; training took {t.iloc[0]:.0f} s"
+    return fig, line + "."
+
+
+def _quality_rows(summary: pd.DataFrame, col: str):
+    ok = _ok(summary)
+    synthetic = int(ok["synthetic"].sum())
+    rows = ok[~ok["synthetic"] & ok[col].notna()]
+    note = f" {synthetic} synthetic run(s) left out: random weights have no meaningful perplexity." if synthetic else ""
+    return rows, note
+
+
+def _q4_1_note(rows: pd.DataFrame) -> str:
+    return f" Note: {Q4_1_NOTE}." if (rows["model"].astype(str) == "smollm2-135m").any() else ""
+
+
+def perplexity_vs_rank(summary: pd.DataFrame):
+    """Held-out perplexity before (dotted) and after (solid) training against LoRA rank, one colour per quant."""
+    rows, note = _quality_rows(summary, "ppl_after")
+    if rows.empty:
+        why = "every finished run is synthetic" if note else "no finished run has a perplexity"
+        return None, f"No perplexity chart: {why}.{note}"
+    rows = rows.assign(series=config_labels(rows, exclude=("lora_r",)).values,
+                       lora_r=pd.to_numeric(rows["lora_r"], errors="coerce"))
+    fig = go.Figure()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    best = None
+    for i, (series, g) in enumerate(rows.groupby("series", sort=False)):
+        med = g.groupby("lora_r")[["ppl_before", "ppl_after"]].median().sort_index()
+        color = palette[i % len(palette)]
+        fig.add_trace(go.Scatter(x=med.index, y=med["ppl_after"], mode="lines+markers", name=f"{series} after",
+                                 line=dict(color=color), hovertemplate="r=%{x}<br>ppl_after %{y:.3f}"))
+        fig.add_trace(go.Scatter(x=med.index, y=med["ppl_before"], mode="lines+markers", name=f"{series} before",
+                                 line=dict(color=color, dash="dot"), marker_symbol="circle-open",
+                                 hovertemplate="r=%{x}<br>ppl_before %{y:.3f}"))
+        r = med["ppl_after"].idxmin()
+        if best is None or med.loc[r, "ppl_after"] < best[2]:
+            best = (series, r, med.loc[r, "ppl_after"], med.loc[r, "ppl_before"])
+    fig.update_layout(title="Held-out perplexity vs LoRA rank (lower is better)", xaxis_title="lora_r",
+                      yaxis_title="perplexity", xaxis_type="log", height=450,
+                      xaxis=dict(tickvals=sorted(rows["lora_r"].dropna().unique())))
+    series, r, after, before = best
+    line = f"Lowest perplexity after training: {series} at r{r:g}, {after:.3f} (before {before:.3f}, {100 * (1 - after / before):.1f}% lower)"
+    # quantization cost at equal rank: each quant's ppl_after minus the 16-bit arm's
+    q = rows.groupby(["quant", "lora_r"])["ppl_after"].median()
+    if "none" in q.index.get_level_values(0):
+        gaps = []
+        for quant in [x for x in QUANT_ORDER if x != "none" and x in q.index.get_level_values(0)]:
+            shared = q["none"].index.intersection(q[quant].index)
+            if len(shared):
+                gaps.append(f"{quant} {float((q[quant][shared] - q['none'][shared]).mean()):+.3f}")
+        if gaps:
+            line += f"; vs 16-bit at equal rank: {', '.join(gaps)}"
+    return fig, line + "." + note + _q4_1_note(rows)
+
+
+def loss_curves(history: pd.DataFrame):
+    """Training loss per step, one line per run; a Plotly dropdown picks the quantization (works in the HTML too)."""
+    if history.empty or "loss" not in history.columns or history["loss"].isna().all():
+        return None, "No loss curves: no run logged a training loss."
+    h = history[history["loss"].notna()]
+    synthetic = h.loc[h["synthetic"].astype(bool), "run_id"].nunique() if "synthetic" in h.columns else 0
+    if synthetic:
+        h = h[~h["synthetic"].astype(bool)]
+    note = f" {synthetic} synthetic run(s) left out: random weights on random tokens." if synthetic else ""
+    if h.empty:
+        return None, f"No loss curves: every run that logged a loss is synthetic.{note}"
+    fig = go.Figure()
+    quants, drops = [], {}
+    many_seeds = "seed" in h.columns and h["seed"].nunique() > 1
+    many_budgets = "vram_budget_gib" in h.columns and h["vram_budget_gib"].nunique() > 1
+    for run_id, g in h.groupby("run_id", sort=False):
+        g = g.sort_values("step")
+        name = str(g["config"].iloc[0]) + (f" · seed {g['seed'].iloc[0]}" if many_seeds else "")
+        name += f" · {_budget_label(float(g['vram_budget_gib'].iloc[0]))}" if many_budgets else ""
+        if "status" in g.columns and g["status"].iloc[0] != "ok":
+            name += f" ({g['status'].iloc[0]})"
+        fig.add_trace(go.Scatter(x=g["step"], y=g["loss"], mode="lines+markers", name=name,
+                                 meta=str(g["quant"].iloc[0]), hovertemplate="step %{x}<br>loss %{y:.3f}"))
+        quants.append(str(g["quant"].iloc[0]))
+        k = min(3, max(1, len(g) // 3))  # average a few steps at each end: per-step loss is noisy
+        drops[name] = (g["loss"].iloc[:k].mean(), g["loss"].iloc[-k:].mean(), int(g["step"].iloc[-1]))
+    buttons = [dict(label="all quantizations", method="restyle", args=[{"visible": [True] * len(quants)}])]
+    for q in [x for x in QUANT_ORDER if x in quants] + sorted(set(quants) - set(QUANT_ORDER)):
+        buttons.append(dict(label=f"quant {q}", method="restyle", args=[{"visible": [x == q for x in quants]}]))
+    fig.update_layout(title="Training loss per step", xaxis_title="step", yaxis_title="loss", height=480,
+                      updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15,
+                                        yanchor="top", showactive=True)])
+    fell = {n: a - b for n, (a, b, _) in drops.items()}
+    most = max(fell, key=fell.get)
+    a, b, steps = drops[most]
+    line = f"Loss fell most for {most}: {a:.3f} → {b:.3f} over {steps} steps"
+    least = min(fell, key=fell.get)
+    if least != most:
+        a2, b2, _ = drops[least]
+        line += f"; least for {least}: {a2:.3f} → {b2:.3f}"
+    return fig, line + " (mean of the first and last logged steps)." + note
+
+
+def _pareto_front(x: pd.Series, y: pd.Series) -> list:
+    """Labels no other point beats on both axes (lower x and lower y), sorted by x."""
+    front, best_y = [], math.inf
+    for label in sorted(x.index, key=lambda i: (x[i], y[i])):
+        if y[label] < best_y:
+            front.append(label)
+            best_y = y[label]
+    return front
+
+
+def cost_quality(summary: pd.DataFrame):
+    """Perplexity after training against training time, and against energy where it was measured.
+    The line joins the Pareto front: configurations no other one beats on both cost and quality."""
+    rows, note = _quality_rows(summary, "ppl_after")
+    rows = rows[rows["train_s"].notna()]
+    if rows.empty:
+        why = "every finished run is synthetic" if note else "no finished run has both a perplexity and a training time"
+        return None, f"No cost-quality chart: {why}.{note}"
+    med = _by_config(rows, ["train_s", "energy_j", "ppl_after"])
+    axes = [("train_s", "training time, s")]
+    if med["energy_j"].notna().any():
+        axes.append(("energy_j", "training energy, J"))
+    fig = make_subplots(rows=1, cols=len(axes), shared_yaxes=True, subplot_titles=[a[1] for a in axes])
+    fronts = {}
+    for i, (col, label) in enumerate(axes, start=1):
+        m = med[med[col].notna()]
+        front = _pareto_front(m[col], m["ppl_after"])
+        fronts[col] = front
+        fig.add_trace(go.Scatter(x=m[col], y=m["ppl_after"], mode="markers+text", text=m.index,
+                                 textposition="top center", name="configuration", showlegend=i == 1,
+                                 marker=dict(size=11, color="#1f77b4"),
+                                 hovertemplate="%{text}<br>%{x:.1f}<br>ppl_after %{y:.3f}<extra></extra>"), row=1, col=i)
+        fig.add_trace(go.Scatter(x=m.loc[front, col], y=m.loc[front, "ppl_after"], mode="lines",
+                                 line=dict(color="#d62728", dash="dash"), name="Pareto front", showlegend=i == 1,
+                                 hoverinfo="skip"), row=1, col=i)
+        lo, hi = m[col].min(), m[col].max()
+        pad = 0.2 * (hi - lo) if hi > lo else 0.2 * abs(hi) or 1.0  # room for the point labels
+        fig.update_xaxes(title_text=col, range=[lo - pad, hi + pad], row=1, col=i)
+    lo, hi = med["ppl_after"].min(), med["ppl_after"].max()
+    pad = 0.15 * (hi - lo) if hi > lo else 0.05 * abs(hi) or 1.0
+    fig.update_yaxes(title_text="ppl_after", range=[lo - pad, hi + 1.5 * pad], row=1, col=1)
+    fig.update_layout(title="Cost vs quality (down-left is better)", height=480)
+
+    front = fronts["train_s"]
+    dominated = [c for c in med.index if c not in front]
+    line = (f"Time–quality front: {front[0]} is fastest ({med.loc[front[0], 'train_s']:.0f} s, ppl {med.loc[front[0], 'ppl_after']:.3f})")
+    if len(front) > 1:
+        line += f", {front[-1]} is best ({med.loc[front[-1], 'train_s']:.0f} s, ppl {med.loc[front[-1], 'ppl_after']:.3f})"
+    line += f"; {len(dominated)} of {len(med)} configurations are beaten on both"
+    if "energy_j" in fronts:
+        line += f"; energy front: {', '.join(fronts['energy_j'])}"
+    return fig, line + "." + note + _q4_1_note(rows)
+
+
+def energy_per_token(summary: pd.DataFrame):
+    """Training energy per 1k tokens (J), where the GPU reported it; absent, not zero, elsewhere."""
+    ok = _ok(summary)
+    if ok.empty:
+        return None, "No energy chart: no run in this sweep finished."
+    rows = ok[ok["energy_j_per_1k_tokens"].notna()]
+    if rows.empty:
+        if _on_cpu_only(ok):
+            return None, "No energy chart: this sweep ran on a CPU, which has no energy counter (energy is absent, not zero)."
+        return None, f"No energy chart: the device ({_device_words(ok)}) reported neither an energy counter nor power samples."
+    med = _by_config(rows, ["energy_j_per_1k_tokens"])["energy_j_per_1k_tokens"]
+    sources = sorted({str(s) for s in rows.get("energy_source", pd.Series(dtype=object)).dropna()})
+    fig = go.Figure(go.Bar(x=med.index, y=med.values, marker_color="#9467bd",
+                           hovertemplate="%{x}<br>%{y:.1f} J per 1k tokens<extra></extra>"))
+    fig.update_layout(title=f"Energy per 1k training tokens (source: {', '.join(sources) or 'unknown'})",
+                      xaxis_title="configuration", yaxis_title="energy_j_per_1k_tokens", height=420)
+    lo, hi = med.idxmin(), med.idxmax()
+    line = f"{lo} uses the least energy: {med[lo]:.1f} J per 1k tokens"
+    if lo != hi:
+        line += f", {med[hi] / med[lo]:.2f}x less than {hi} ({med[hi]:.1f} J)"
+    if "nvml_power_sampled" in sources:
+        line += "; some runs' energy is sampled power x step time, not the counter"
+    skipped = len(ok) - len(rows)
+    if skipped:
+        line += f"; {skipped} finished run(s) have no energy figure"
+    return fig, line + "."
+
+
+CHARTS = (feasibility_matrix, peak_memory, throughput, perplexity_vs_rank, cost_quality, energy_per_token)
+
+
+# --- display -------------------------------------------------------------------------------------
+
+class _ReportHtmlRenderer(MimetypeRenderer):
+    """text/html for nbconvert: each figure's div and its Plotly.newPlot call, nothing else.
+
+    Plotly's own 'notebook' renderer adds a MathJax <script src> from a CDN to every figure; this one
+    adds no script from anywhere. plotly.js itself goes into the HTML report once (helpers.report's
+    template); in JupyterLab the plotly_mimetype output renders the figure instead.
+    """
+
+    def to_mimebundle(self, fig_dict):
+        html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
+                           default_width="100%", default_height=480, validate=False)
+        return {"text/html": html}
+
+
+def use_report_renderer() -> str:
+    """Figures shown as both the Plotly MIME bundle (JupyterLab) and offline text/html (nbconvert's HTML)."""
+    pio.renderers["report_html"] = _ReportHtmlRenderer()
+    pio.renderers.default = "plotly_mimetype+report_html"
+    return pio.renderers.default
+
+
+def show(fig, takeaway: str) -> None:
+    """The takeaway as a line of text, then the figure (or, for a skipped chart, only the sentence why)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(f"**Takeaway:** {takeaway}" if fig is not None else f"*Skipped.* {takeaway}"))
+    if fig is not None:
+        fig.show()
+
+
+def explorer(summary: pd.DataFrame, history: pd.DataFrame):
+    """ipywidgets selectors for JupyterLab: any per-step measure of any runs. Not kept in the HTML report."""
+    try:
+        import ipywidgets as widgets
+    except ImportError:
+        return "ipywidgets is not installed: the interactive explorer is not available."
+    if history.empty:
+        return "No per-step rows to explore in this sweep."
+    measures = [c for c in ("loss", "step_time_s", "rss_gib", "allocated_gib", "reserved_gib",
+                            "nvml_process_used_gib", "power_w", "learning_rate")
+                if c in history.columns and pd.to_numeric(history[c], errors="coerce").notna().any()]
+    names = {r: f"{c} · {r}" for r, c in history.groupby("run_id", sort=False)["config"].first().items()}
+    measure = widgets.Dropdown(options=measures, value=measures[0], description="measure")
+    chosen = widgets.SelectMultiple(options=[(v, k) for k, v in names.items()], value=tuple(names),
+                                    description="runs", rows=min(8, len(names)),
+                                    layout=widgets.Layout(width="70%"))
+
+    def draw(measure, chosen):
+        fig = go.Figure()
+        for rid in chosen:
+            g = history[history["run_id"] == rid].sort_values("step")
+            fig.add_trace(go.Scatter(x=g["step"], y=pd.to_numeric(g[measure], errors="coerce"),
+                                     mode="lines+markers", name=names[rid]))
+        fig.update_layout(xaxis_title="step", yaxis_title=measure, height=420)
+        fig.show()
+
+    out = widgets.interactive_output(draw, {"measure": measure, "chosen": chosen})
+    return widgets.VBox([widgets.HBox([measure, chosen]), out])
