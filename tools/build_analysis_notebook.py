@@ -1,0 +1,77 @@
+"""Writes notebooks/02_analysis.ipynb from the cell sources below (outputs empty).
+
+Like tools/build_notebooks.py: the notebook is what users open; this script keeps its cells reviewable
+as plain text and rebuilds it identically. Run: python tools/build_analysis_notebook.py
+"""
+from build_notebooks import ROOT, build, code, md
+
+ANALYSIS = [
+    md("""
+# 02 · One sweep, analysed: feasibility, memory, speed, energy and quality
+
+Reads a sweep folder (`reports/<name>/`: one sidecar per run in `runs/`) and draws one chart per question,
+each with a one-line takeaway computed from the same rows. Failed and out-of-memory runs are results and
+appear in the feasibility matrix; corrupt or unfinished runs are listed and left out of the charts.
+
+Open it in JupyterLab (the last cell adds selectors for exploring), or run it for one sweep from the shell:
+
+```
+papermill notebooks/02_analysis.ipynb reports/default/analysis.ipynb -p sweep_dir reports/default
+```
+
+`python -m helpers.report reports/<name>` does that and also writes the self-contained
+`reports/<name>/analysis.html`.
+"""),
+    code('''
+sweep_dir: str = "reports/default"  # the sweep folder (holds runs/); relative to the project root
+explore: bool = True                # ipywidgets selectors at the end (JupyterLab); the HTML report sets False
+''', tags=["parameters"]),
+    md("## The sweep\nEvery run in `runs/`, with its outcome. A sidecar or executed notebook that cannot be read is marked, not fatal."),
+    code('''
+from IPython.display import Markdown
+import helpers.analysis as analysis
+analysis.use_report_renderer()  # figures as Plotly MIME (JupyterLab) + offline HTML (the exported report)
+sweep = analysis.resolve_sweep_dir(sweep_dir)
+summary, history = analysis.load_sweep(sweep)
+Markdown(f"`{sweep_dir}`: {analysis.overview(summary)}")
+'''),
+    code('''
+analysis.run_table(summary)
+'''),
+    md("## Feasibility: which configurations fit in which memory budget\nAn out-of-memory run is a finding, not a crash. Hover a cell for the error text."),
+    code('''
+analysis.show(*analysis.feasibility_matrix(summary))
+'''),
+    md("## Peak memory by configuration\nWeights after load, then the training peak: torch's allocated and reserved memory and NVML's per-process figure (which also sees the CUDA context and bitsandbytes' paged memory) on a GPU; the process's resident memory on a CPU."),
+    code('''
+analysis.show(*analysis.peak_memory(summary))
+'''),
+    md("## Throughput and wall-clock\nSteady-state tokens/s leaves out the timing warm-up steps; wall-clock is split by phase."),
+    code('''
+analysis.show(*analysis.throughput(summary))
+'''),
+    md("## Quality: perplexity before and after training, against LoRA rank\nToken-weighted perplexity on held-out documents. Synthetic runs (random weights) are left out."),
+    code('''
+analysis.show(*analysis.perplexity_vs_rank(summary))
+'''),
+    md("## Loss curves\nThe dropdown (top right) shows one quantization at a time; it works in the HTML report too."),
+    code('''
+analysis.show(*analysis.loss_curves(history))
+'''),
+    md("## Cost against quality\nPerplexity after training against training time, and against energy where it was measured; the dashed line is the Pareto front."),
+    code('''
+analysis.show(*analysis.cost_quality(summary))
+'''),
+    md("## Energy per 1k training tokens\nFrom NVML's energy counter over the training window (sampled power as a fallback); absent, not zero, where neither exists."),
+    code('''
+analysis.show(*analysis.energy_per_token(summary))
+'''),
+    md("## Explore (JupyterLab)\nPick a per-step measure and runs. These ipywidgets need a live kernel, so the HTML report leaves them out (`explore=False`)."),
+    code('''
+analysis.explorer(summary, history) if explore else Markdown("*Explorer off (`explore=False`).*")
+'''),
+]
+
+
+if __name__ == "__main__":
+    build(ANALYSIS, ROOT / "notebooks" / "02_analysis.ipynb")
