@@ -31,8 +31,15 @@ model: setup
 study: model
 	$(PY) -m helpers.sweep $(SWEEP)
 
-test: model
+test: model browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A real headless browser for the HTML report test (tests/test_report_html.py): Debian's chromium.
+.PHONY: browser
+browser:
+	@test -x /usr/bin/chromium || { echo "installing Debian's chromium (for the HTML report test)"; \
+	  $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y -qq chromium; }
 
 bench: model
 	$(PY) benchmarks/cpu_step.py
