@@ -14,6 +14,8 @@ Labels, as everywhere in this study: a budget is an *emulation* (an allocator ca
 CUDA context and non-torch memory are outside it, and are reported beside it); a synthetic model's figures
 are cost figures only. Lengths beyond the model's context (--max-seq above it) are memory figures only.
 On a CPU there is no allocator cap: one bisection without a budget is run (a smoke test of the procedure).
+fits_real_card says whether torch's peak plus the non-torch part (CUDA context, cuBLAS) measured after the
+step stays within the budget: where it is false, a real card of that size holds a shorter sequence.
 
 Writes the JSON to --out and the table as CSV beside it (same name, .csv).
 """
@@ -43,7 +45,7 @@ def probe(net, opt, seq_len: int, vocab: int, device: str, nvml) -> dict:
         torch.cuda.reset_peak_memory_stats()
     x = random_blocks(1, seq_len, vocab, seed=seq_len).to(device)
     row = {"seq_len": seq_len, "ok": False, "loss": None, "step_s": None, "error": None,
-           "peak_allocated_gib": None, "peak_reserved_gib": None, "nvml_process_used_gib": None}
+           "peak_allocated_gib": None, "peak_reserved_gib": None, "non_torch_gib": None, "process_peak_est_gib": None}
     t0 = time.perf_counter()
     try:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_gpu):
@@ -66,7 +68,10 @@ def probe(net, opt, seq_len: int, vocab: int, device: str, nvml) -> dict:
     if on_gpu:
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-        row["nvml_process_used_gib"] = nvml.used_gib()[0]  # before emptying the cache: what the step held
+        now = telemetry.memory_now(device, nvml)  # NVML process used - torch reserved, at one instant
+        row["non_torch_gib"] = now["non_torch_gib"]
+        if now["non_torch_gib"] is not None:  # what a real card would have to hold: torch's peak + the rest
+            row["process_peak_est_gib"] = row["peak_reserved_gib"] + now["non_torch_gib"]
     del x
     gc.collect()
     if on_gpu:
@@ -167,7 +172,10 @@ def main(argv=None):
             "budget_gib": budget, "max_seq_len": best or None, "first_failing_seq_len": fail,
             "search_capped": fail is None, "beyond_context": bool(best and context and best > context),
             "peak_reserved_gib": at.get("peak_reserved_gib"), "peak_allocated_gib": at.get("peak_allocated_gib"),
-            "nvml_process_used_gib": at.get("nvml_process_used_gib"), "step_s": at.get("step_s"),
+            "non_torch_gib": at.get("non_torch_gib"), "process_peak_est_gib": at.get("process_peak_est_gib"),
+            "fits_real_card": (None if at.get("process_peak_est_gib") is None or budget is None
+                               else at["process_peak_est_gib"] <= budget),
+            "step_s": at.get("step_s"),
             "probes": len(rows),
             "note": ("search reached --max-seq: the true limit is higher" if fail is None else "")
                     + (" (no fit even at the smallest length)" if not best else ""),
@@ -189,19 +197,21 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     runs.write_sidecar(out, {"status": "ok", "config": vars(a), **record})
     cols = ["budget_gib", "max_seq_len", "first_failing_seq_len", "search_capped", "beyond_context",
-            "peak_reserved_gib", "peak_allocated_gib", "nvml_process_used_gib", "step_s", "probes", "note"]
+            "peak_reserved_gib", "peak_allocated_gib", "non_torch_gib", "process_peak_est_gib", "fits_real_card",
+            "step_s", "probes", "note"]
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(results)
     print(f"\n{a.model} {a.quant} r={a.lora_r} batch 1 ({'synthetic: cost only; ' if info['synthetic'] else ''}"
           f"{'budgets emulated by an allocator cap' if on_gpu else 'CPU, no budget'})")
-    print(f"{'budget GiB':>10} {'max seq_len':>11} {'fails at':>9} {'reserved GiB':>12} {'NVML proc GiB':>13} {'step s':>7}")
+    print(f"{'budget GiB':>10} {'max seq_len':>11} {'fails at':>9} {'reserved GiB':>12} {'+non-torch GiB':>14} "
+          f"{'step s':>7}")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in results:
         print(f"{fmt(r['budget_gib'], '.0f'):>10} {fmt(r['max_seq_len'], 'd'):>11} "
               f"{fmt(r.get('first_failing_seq_len'), 'd'):>9} {fmt(r.get('peak_reserved_gib'), '.2f'):>12} "
-              f"{fmt(r.get('nvml_process_used_gib'), '.2f'):>13} {fmt(r.get('step_s'), '.2f'):>7}  {r['note']}")
+              f"{fmt(r.get('non_torch_gib'), '.2f'):>14} {fmt(r.get('step_s'), '.2f'):>7}  {r['note']}")
     print(f"wrote {out} and {out.with_suffix('.csv')} in {record['wall_s']:.0f} s", flush=True)
     return record
 

@@ -178,7 +178,7 @@ def start(config: dict) -> dict:
 
 BUDGET_NOTE = ("emulated: torch's caching allocator capped at vram_budget_gib on a larger card; the CUDA context "
                "and non-torch memory (cuBLAS, bitsandbytes paged) are outside the cap, so a real card of this size "
-               "has less room (compare peak_nvml_process_used_gib with the budget)")
+               "has less room (compare peak_process_est_gib = peak reserved + non-torch with the budget)")
 
 
 def apply_vram_budget(run: dict) -> None:
@@ -228,7 +228,7 @@ def record_memory(run: dict, steps=None) -> None:
     budget = run["config"]["vram_budget_gib"]
     if budget and m.get("peak_reserved_gib") is not None:
         m["peak_reserved_within_budget"] = m["peak_reserved_gib"] <= budget
-        used = m.get("peak_nvml_process_used_gib")
+        used = m.get("peak_process_est_gib")  # a real card of this size must hold the context too
         m["process_within_budget"] = None if used is None else used <= budget
 
 
@@ -274,7 +274,8 @@ SUMMARY_KEYS = [
     ("step_time_median_s", "median step (s)"), ("tokens_per_s", "tokens/s (steady)"),
     ("peak_rss_gib", "peak RSS (GiB)"), ("peak_allocated_gib", "peak allocated (GiB)"),
     ("peak_reserved_gib", "peak reserved (GiB)"), ("peak_nvml_process_used_gib", "peak NVML process used (GiB)"),
-    ("non_torch_peak_gib", "non-torch incl. CUDA context (GiB)"), ("vram_budget_emulated", "VRAM budget emulated"),
+    ("non_torch_peak_gib", "non-torch incl. CUDA context (GiB)"), ("peak_process_est_gib", "process peak est. (GiB)"),
+    ("vram_budget_emulated", "VRAM budget emulated"),
     ("energy_j_per_1k_tokens", "energy (J / 1k tokens)"),
     ("ppl_before", "perplexity before"), ("ppl_after", "perplexity after"),
 ]

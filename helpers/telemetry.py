@@ -118,10 +118,11 @@ def gpu_baseline(device: str) -> dict:
     if not str(device).startswith("cuda"):
         return out
     nvml = Nvml(device)
-    if not torch.cuda.is_initialized():  # else our context exists already and would count as "before"
-        _, _DEVICE_USED_BEFORE_GIB = nvml.used_gib()
+    proc, used = nvml.used_gib()  # our context may exist already (torch.cuda.get_device_name makes one)
+    if used is not None and (proc is not None or not torch.cuda.is_initialized()):
+        _DEVICE_USED_BEFORE_GIB = used - (proc or 0.0)
         out["nvml_device_used_before_gib"] = _DEVICE_USED_BEFORE_GIB
-    x = torch.empty(1, device=device)  # makes the context
+    x = torch.empty(1, device=device)  # makes the context, if not made yet
     sync(device)
     proc, _ = nvml.used_gib()
     if proc is not None:
@@ -140,39 +141,47 @@ def memory_now(device: str, nvml: Nvml | None = None) -> dict:
         "reserved_gib": None,
         "nvml_process_used_gib": None,
         "nvml_device_used_gib": None,
+        "non_torch_gib": None,  # NVML process used - torch reserved, read together: context, cuBLAS, paged memory
     }
     if str(device).startswith("cuda"):
         row["allocated_gib"] = torch.cuda.memory_allocated() / GIB
         row["reserved_gib"] = torch.cuda.memory_reserved() / GIB
         if nvml is not None and nvml.handle is not None:
             row["nvml_process_used_gib"], row["nvml_device_used_gib"] = nvml.used_gib()
+            if row["nvml_process_used_gib"] is not None:
+                row["non_torch_gib"] = row["nvml_process_used_gib"] - row["reserved_gib"]
     return row
 
 
 def memory_peaks(device: str, nvml: Nvml | None = None, history=()) -> dict:
     """Peaks since the last reset: torch allocator and NVML on a GPU, resident memory on the host.
 
-    NVML peaks are the largest of the per-step readings in `history` and one reading now (NVML has no
-    peak counter; torch's caching allocator keeps what it reserved, so step ends see its high-water
-    mark). non_torch_peak_gib = peak NVML process used - peak torch reserved: the CUDA context, cuBLAS
-    and other libraries' memory and bitsandbytes' paged memory, none of which an allocator cap limits.
+    NVML has no peak counter: peak_nvml_* are the largest readings at step ends (`history`) and now.
+    They can miss the true peak (the allocator gives cached memory back when a cap is hit, and load and
+    eval peaks fall outside the training steps), so the process peak is estimated from torch's exact peak:
+    peak_process_est_gib = peak_reserved_gib + non_torch_peak_gib, where non_torch_peak_gib is the largest
+    (NVML process used - torch reserved) read at one instant: the CUDA context, cuBLAS and other libraries'
+    memory and bitsandbytes' paged memory, none of which an allocator cap (vram_budget_gib) limits.
     """
     out = {"peak_rss_gib": peak_rss_gib(), "peak_allocated_gib": None, "peak_reserved_gib": None,
-           "peak_nvml_process_used_gib": None, "peak_nvml_device_used_gib": None, "non_torch_peak_gib": None}
+           "peak_nvml_process_used_gib": None, "peak_nvml_device_used_gib": None, "non_torch_peak_gib": None,
+           "peak_process_est_gib": None}
     if not str(device).startswith("cuda"):
         return out
     out["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
     out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
     nvml = nvml if nvml is not None else Nvml(device)
-    proc_now, device_now = nvml.used_gib()
-    procs = [r.get("nvml_process_used_gib") for r in history] + [proc_now]
-    devices = [r.get("nvml_device_used_gib") for r in history] + [device_now]
-    procs, devices = [x for x in procs if x is not None], [x for x in devices if x is not None]
-    if procs:
-        out["peak_nvml_process_used_gib"] = max(procs)
-        out["non_torch_peak_gib"] = out["peak_nvml_process_used_gib"] - out["peak_reserved_gib"]
-    if devices:
-        out["peak_nvml_device_used_gib"] = max(devices)
+    rows = [*history, memory_now(device, nvml)]
+
+    def peak(key):
+        xs = [r.get(key) for r in rows if r.get(key) is not None]
+        return max(xs) if xs else None
+
+    out["peak_nvml_process_used_gib"] = peak("nvml_process_used_gib")
+    out["peak_nvml_device_used_gib"] = peak("nvml_device_used_gib")
+    out["non_torch_peak_gib"] = peak("non_torch_gib")
+    if out["non_torch_peak_gib"] is not None:
+        out["peak_process_est_gib"] = out["peak_reserved_gib"] + out["non_torch_peak_gib"]
     return out
 
 

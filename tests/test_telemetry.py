@@ -27,6 +27,8 @@ def fake_cuda(monkeypatch):
     state = {"fraction": None}
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 5 * GIB)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 6 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 5 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: int(5.8 * GIB))  # the cache gave some back
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: type("P", (), {"total_memory": 16 * GIB})())
     monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, *a: state.update(fraction=f))
@@ -34,15 +36,20 @@ def fake_cuda(monkeypatch):
 
 
 def test_memory_peaks_take_nvml_maximum_and_non_torch_part(fake_cuda):
-    history = [{"nvml_process_used_gib": 6.2, "nvml_device_used_gib": 7.0},
-               {"nvml_process_used_gib": 6.9, "nvml_device_used_gib": 7.5},
-               {"nvml_process_used_gib": None, "nvml_device_used_gib": None}]
+    history = [{"nvml_process_used_gib": 6.2, "nvml_device_used_gib": 7.0, "non_torch_gib": 0.74},
+               {"nvml_process_used_gib": 6.9, "nvml_device_used_gib": 7.5, "non_torch_gib": 0.6},
+               {"nvml_process_used_gib": None, "nvml_device_used_gib": None, "non_torch_gib": None}]
     p = telemetry.memory_peaks("cuda", FakeNvml(6.5, 7.2), history)
     assert p["peak_allocated_gib"] == 5 and p["peak_reserved_gib"] == 6
     assert p["peak_nvml_process_used_gib"] == 6.9 and p["peak_nvml_device_used_gib"] == 7.5
-    assert math.isclose(p["non_torch_peak_gib"], 0.9)
+    # non-torch is read at one instant (NVML process - torch reserved), never across instants (6.9 - 6 = 0.9)
+    assert math.isclose(p["non_torch_peak_gib"], 0.74)
+    assert math.isclose(p["peak_process_est_gib"], 6.74)  # torch's exact peak + the non-torch part
+    now_only = telemetry.memory_peaks("cuda", FakeNvml(6.5, 7.2), [])
+    assert math.isclose(now_only["non_torch_peak_gib"], 6.5 - 5.8)
     none = telemetry.memory_peaks("cuda", FakeNvml(None, None), [])
     assert none["peak_nvml_process_used_gib"] is None and none["non_torch_peak_gib"] is None  # absent, not 0
+    assert none["peak_process_est_gib"] is None
 
 
 def test_memory_peaks_on_cpu_leave_gpu_figures_absent():
@@ -81,6 +88,7 @@ def test_record_memory_checks_budget_with_and_without_context(fake_cuda):
     runs.record_memory(run, steps)
     m = run["metrics"]
     assert m["peak_reserved_within_budget"] is True  # torch stayed under the cap (6 <= 6)...
+    assert math.isclose(m["peak_process_est_gib"], 6 + (6.4 - 5.8))
     assert m["process_within_budget"] is False  # ...but with the CUDA context it would not fit a real 6 GiB card
 
 

@@ -142,8 +142,8 @@ runs.record_memory(run, steps)
 m = run["metrics"]
 print(f"{m['tokens_per_s']:.0f} tokens/s steady, median step {m['step_time_median_s']:.3f} s")
 if m["peak_reserved_gib"] is not None:
-    print(f"peak torch reserved {m['peak_reserved_gib']:.2f} GiB, NVML process {m['peak_nvml_process_used_gib'] or float('nan'):.2f} GiB, "
-          f"energy {m['energy_j_per_1k_tokens'] or float('nan'):.1f} J / 1k tokens")
+    print(f"peak torch reserved {m['peak_reserved_gib']:.2f} GiB + non-torch {m['non_torch_peak_gib'] or float('nan'):.2f} GiB "
+          f"(CUDA context {m['cuda_context_gib'] or float('nan'):.2f}); energy {m['energy_j_per_1k_tokens'] or float('nan'):.1f} J / 1k tokens")
 '''),
     md("## 7 · Perplexity after training"),
     code('''
