@@ -59,9 +59,9 @@ def notebook_problem(path) -> str | None:
     try:
         nb = nbformat.read(str(path), as_version=4)
     except Exception as e:  # nbformat raises NotJSONError, ValueError, KeyError, ... for broken files
-        return f"{Path(path).name}: not a readable notebook ({type(e).__name__}: {str(e)[:200]})"
+        return f"executed notebook is not a readable notebook ({type(e).__name__}: {str(e)[:200]})"
     if not isinstance(nb.get("cells"), list):
-        return f"{Path(path).name}: notebook has no cells"
+        return "executed notebook has no cells"
     return None
 
 
@@ -203,6 +203,25 @@ def _by_config(df: pd.DataFrame, cols) -> pd.DataFrame:
     return out.reindex(order)
 
 
+def _vs_16bit(rows: pd.DataFrame, col: str) -> dict:
+    """{quant: median ratio of col to the 16-bit arm's (quant none)}, over configurations alike in all but quant."""
+    rows = rows[rows[col].notna()]
+    if rows.empty or not (rows["quant"] == "none").any():
+        return {}
+    key = config_labels(rows, exclude=("quant",))
+    base = rows[rows["quant"] == "none"].groupby(key[rows["quant"] == "none"])[col].median()
+    out = {}
+    for quant in [q for q in QUANT_ORDER if q != "none"] + sorted(set(rows["quant"]) - set(QUANT_ORDER)):
+        mine = rows["quant"] == quant
+        if not mine.any():
+            continue
+        vals = rows[mine].groupby(key[mine])[col].median()
+        shared = vals.index.intersection(base.index)
+        if len(shared):
+            out[quant] = float((vals[shared] / base[shared]).median())
+    return out
+
+
 def _device_words(summary: pd.DataFrame) -> str:
     devs = sorted({str(d) for d in summary["env_device"].dropna()})
     return ", ".join(devs) if devs else "an unknown device"
@@ -229,16 +248,17 @@ def overview(summary: pd.DataFrame) -> str:
 
 
 def run_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Every run with its outcome and headline figures; failed and corrupt runs included and marked."""
-    cols = ["config", "vram_budget_gib", "seed", "status", "notebook", "tokens_per_s", "train_s", "peak_rss_gib",
-            "peak_reserved_gib", "ppl_before", "ppl_after", "error", "run_id"]
+    """Every run with its outcome (the charts hold the figures); failed and corrupt runs included and marked."""
+    cols = ["config", "vram_budget_gib", "seed", "status", "notebook", "tokens_per_s", "ppl_after", "error", "run_id"]
     t = summary[[c for c in cols if c in summary.columns]].copy()
+    t["config"] = t["config"].fillna("(no config)")
     problems = [e if isinstance(e, str) else n if isinstance(n, str) else ""
                 for e, n in zip(summary["error"], summary.get("notebook_error", summary["error"]))]
-    t["error"] = [p if len(p) <= 160 else p[:157] + "..." for p in problems]
-    for col in ("tokens_per_s", "train_s", "peak_rss_gib", "peak_reserved_gib", "ppl_before", "ppl_after"):
-        if col in t.columns:
-            t[col] = t[col].round(3 if col.startswith("ppl") else 2)
+    t["error"] = [p if len(p) <= 100 else p[:97] + "..." for p in problems]
+    t["tokens_per_s"] = t["tokens_per_s"].round(2)
+    t["ppl_after"] = t["ppl_after"].round(3)
+    if "seed" in t.columns:
+        t["seed"] = pd.to_numeric(t["seed"], errors="coerce").astype("Int64")
     t.index = range(1, len(t) + 1)
     return t
 
@@ -327,9 +347,15 @@ def peak_memory(summary: pd.DataFrame):
     vals = med[col].dropna()
     lo, hi = vals.idxmin(), vals.idxmax()
     if lo == hi:
-        return fig, f"{lo} peaks at {vals[lo]:.2f} GiB ({label})."
-    return fig, (f"{lo} needs the least memory: {vals[lo]:.2f} GiB {label}, "
-                 f"{100 * (1 - vals[lo] / vals[hi]):.0f}% below {hi} ({vals[hi]:.2f} GiB).")
+        line = f"{lo} peaks at {vals[lo]:.2f} GiB ({label})"
+    else:
+        line = (f"{lo} needs the least memory: {vals[lo]:.2f} GiB {label}, "
+                f"{100 * (1 - vals[lo] / vals[hi]):.0f}% below {hi} ({vals[hi]:.2f} GiB)")
+    ratios = _vs_16bit(ok, col)
+    if ratios:
+        line += "; vs 16-bit LoRA in the same configuration: " + ", ".join(
+            f"{q} {100 * (r - 1):+.0f}%" for q, r in ratios.items())
+    return fig, line + "."
 
 
 def throughput(summary: pd.DataFrame):
@@ -353,9 +379,13 @@ def throughput(summary: pd.DataFrame):
 
     tps = med["tokens_per_s"].dropna()
     fast, slow = tps.idxmax(), tps.idxmin()
-    line = f"{fast} is fastest at {tps[fast]:.1f} tokens/s"
-    if fast != slow:
-        line += f", {tps[fast] / tps[slow]:.2f}x {slow} ({tps[slow]:.1f} tokens/s)"
+    if fast == slow:
+        line = f"{fast} trains at {tps[fast]:.1f} tokens/s"
+    else:
+        line = f"{fast} is fastest at {tps[fast]:.1f} tokens/s, {tps[fast] / tps[slow]:.2f}x {slow} ({tps[slow]:.1f} tokens/s)"
+    ratios = _vs_16bit(ok, "tokens_per_s")
+    if ratios:
+        line += "; speed vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {r:.2f}x" for q, r in ratios.items())
     if "train_s" in med.columns and med["train_s"].notna().any():
         t = med["train_s"].dropna()
         line += f"; training took {t.min():.0f}–{t.max():.0f} s" if len(t) > 1 else f"; training took {t.iloc[0]:.0f} s"
@@ -427,6 +457,8 @@ def loss_curves(history: pd.DataFrame):
         return None, f"No loss curves: every run that logged a loss is synthetic.{note}"
     fig = go.Figure()
     quants, drops = [], {}
+    finished = h["run_id"][h["status"] == "ok"] if "status" in h.columns else h["run_id"]
+    judged = set(finished) or set(h["run_id"])  # the takeaway compares finished runs: a failed one stopped early
     many_seeds = "seed" in h.columns and h["seed"].nunique() > 1
     many_budgets = "vram_budget_gib" in h.columns and h["vram_budget_gib"].nunique() > 1
     for run_id, g in h.groupby("run_id", sort=False):
@@ -439,7 +471,8 @@ def loss_curves(history: pd.DataFrame):
                                  meta=str(g["quant"].iloc[0]), hovertemplate="step %{x}<br>loss %{y:.3f}"))
         quants.append(str(g["quant"].iloc[0]))
         k = min(3, max(1, len(g) // 3))  # average a few steps at each end: per-step loss is noisy
-        drops[name] = (g["loss"].iloc[:k].mean(), g["loss"].iloc[-k:].mean(), int(g["step"].iloc[-1]))
+        if run_id in judged:
+            drops[name] = (g["loss"].iloc[:k].mean(), g["loss"].iloc[-k:].mean(), int(g["step"].iloc[-1]))
     buttons = [dict(label="all quantizations", method="restyle", args=[{"visible": [True] * len(quants)}])]
     for q in [x for x in QUANT_ORDER if x in quants] + sorted(set(quants) - set(QUANT_ORDER)):
         buttons.append(dict(label=f"quant {q}", method="restyle", args=[{"visible": [x == q for x in quants]}]))
@@ -454,7 +487,7 @@ def loss_curves(history: pd.DataFrame):
     if least != most:
         a2, b2, _ = drops[least]
         line += f"; least for {least}: {a2:.3f} → {b2:.3f}"
-    return fig, line + " (mean of the first and last logged steps)." + note
+    return fig, line + " (mean of the first and last logged steps; finished runs)." + note
 
 
 def _pareto_front(x: pd.Series, y: pd.Series) -> list:
@@ -502,6 +535,10 @@ def cost_quality(summary: pd.DataFrame):
 
     front = fronts["train_s"]
     dominated = [c for c in med.index if c not in front]
+    if len(med) == 1:
+        c = med.index[0]
+        return fig, (f"One configuration: {c} trained in {med.loc[c, 'train_s']:.0f} s to perplexity "
+                     f"{med.loc[c, 'ppl_after']:.3f}." + note + _q4_1_note(rows))
     line = (f"Time–quality front: {front[0]} is fastest ({med.loc[front[0], 'train_s']:.0f} s, ppl {med.loc[front[0], 'ppl_after']:.3f})")
     if len(front) > 1:
         line += f", {front[-1]} is best ({med.loc[front[-1], 'train_s']:.0f} s, ppl {med.loc[front[-1], 'ppl_after']:.3f})"
@@ -528,9 +565,14 @@ def energy_per_token(summary: pd.DataFrame):
     fig.update_layout(title=f"Energy per 1k training tokens (source: {', '.join(sources) or 'unknown'})",
                       xaxis_title="configuration", yaxis_title="energy_j_per_1k_tokens", height=420)
     lo, hi = med.idxmin(), med.idxmax()
-    line = f"{lo} uses the least energy: {med[lo]:.1f} J per 1k tokens"
-    if lo != hi:
-        line += f", {med[hi] / med[lo]:.2f}x less than {hi} ({med[hi]:.1f} J)"
+    if lo == hi:
+        line = f"{lo} uses {med[lo]:.1f} J per 1k tokens"
+    else:
+        line = (f"{lo} uses the least energy: {med[lo]:.1f} J per 1k tokens, "
+                f"{med[hi] / med[lo]:.2f}x less than {hi} ({med[hi]:.1f} J)")
+    ratios = _vs_16bit(rows, "energy_j_per_1k_tokens")
+    if ratios:
+        line += "; vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {r:.2f}x" for q, r in ratios.items())
     if "nvml_power_sampled" in sources:
         line += "; some runs' energy is sampled power x step time, not the counter"
     skipped = len(ok) - len(rows)

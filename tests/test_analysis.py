@@ -186,6 +186,8 @@ def test_cpu_sweep_charts_and_skips(cpu_sweep):
     for chart in (analysis.throughput, analysis.perplexity_vs_rank, analysis.cost_quality):
         fig, line = chart(summary)
         assert isinstance(fig, go.Figure) and line, chart.__name__
+    fig, line = analysis.throughput(summary)
+    assert "speed vs 16-bit LoRA in the same configuration: nf4 0.80x" in line  # the fake sweep's QUANT_SPEED
     fig, line = analysis.perplexity_vs_rank(summary)
     assert "Q4_1" in line  # smollm2-135m's quality caveat travels with its numbers
     fig, line = analysis.loss_curves(history)
