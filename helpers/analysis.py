@@ -30,7 +30,8 @@ STATUS_COLOR = {"ok": "#2ca02c", "oom": "#d62728", "error": "#7f7f7f"}
 # Every metric a chart reads: absent from a sidecar means not measured (NaN), never zero.
 METRICS = ("load_s", "eval_before_s", "train_s", "eval_after_s", "weights_gib", "params_total", "params_trainable",
            "ppl_before", "ppl_after", "tokens_per_s", "step_time_median_s", "peak_rss_gib", "peak_allocated_gib",
-           "peak_reserved_gib", "peak_nvml_process_used_gib", "energy_j", "energy_j_per_1k_tokens")
+           "peak_reserved_gib", "peak_nvml_process_used_gib", "peak_process_est_gib", "energy_j",
+           "energy_j_per_1k_tokens")
 # Names a sidecar may use for the NVML per-process peak; else it is the maximum of the step rows.
 NVML_PEAK_KEYS = ("peak_nvml_process_used_gib", "nvml_process_used_gib_peak", "peak_nvml_used_gib")
 # The training notebook's parameters, for tables that lost the sweep's own list (summary.attrs['config_keys']).
@@ -329,8 +330,11 @@ def peak_memory(summary: pd.DataFrame):
     ok = _ok(summary)
     if ok.empty:
         return None, "No memory chart: no run in this sweep finished."
+    # NVML has no peak counter (step-end readings can miss the peak); the estimate is torch's exact reserved
+    # peak plus the largest non-torch memory NVML saw (CUDA context, cuBLAS, bitsandbytes' paged memory)
     gpu = [("peak_allocated_gib", "peak allocated (torch)"), ("peak_reserved_gib", "peak reserved (torch)"),
-           ("peak_nvml_process_used_gib", "peak process used (NVML)")]
+           ("peak_nvml_process_used_gib", "peak process used (NVML, step ends)"),
+           ("peak_process_est_gib", "peak process, estimated (reserved + non-torch)")]
     measures = [m for m in gpu if ok[m[0]].notna().any()]
     if not measures:
         measures = [("peak_rss_gib", "peak resident memory (process, CPU)")] if ok["peak_rss_gib"].notna().any() else []
@@ -343,7 +347,10 @@ def peak_memory(summary: pd.DataFrame):
     fig.update_layout(barmode="group", title="Memory by configuration (median over repeats)",
                       yaxis_title="GiB", xaxis_title="configuration", legend_title="measure", height=450)
 
-    col, label = measures[-1]  # the widest measure: NVML (sees CUDA context + bitsandbytes), else reserved, else RSS
+    # the takeaway's measure: the widest one (process estimate, NVML, reserved; RSS on a CPU) among those
+    # that cover the most configurations, so a few sidecars with a newer metric do not decide it alone
+    cover = {c: int(med[c].notna().sum()) for c, _ in measures}
+    col, label = [m for m in measures if cover[m[0]] == max(cover.values())][-1]
     vals = med[col].dropna()
     lo, hi = vals.idxmin(), vals.idxmax()
     if lo == hi:

@@ -243,8 +243,20 @@ def test_gpu_sweep_has_every_chart_and_a_quant_dropdown(tmp_path):
     assert "at the smallest budget (6 GiB) 2 of 4 configurations fit (smollm2-135m · nf4 · r8, smollm2-135m · nf4 · r32)" in line
     fig, line = analysis.peak_memory(summary)
     assert [t.name for t in fig.data][1:] == ["peak allocated (torch)", "peak reserved (torch)",
-                                             "peak process used (NVML)"]  # NVML peak from the step rows
+                                             "peak process used (NVML, step ends)"]  # NVML peak from the step rows
     assert "NVML" in line
+
+    # telemetry's process estimate (reserved + non-torch): charted; the takeaway's measure once all configs have it
+    oks = [p for p in (folder / "runs").glob("*.json") if p.stem != "truncated-run" and '"status": "ok"' in p.read_text()]
+    for i, path in enumerate(oks):
+        rec = json.loads(path.read_text())
+        rec["metrics"]["peak_process_est_gib"] = rec["metrics"]["peak_reserved_gib"] + 0.74 if i else 0.25
+        runs.write_sidecar(path, rec)
+        fig, line = analysis.peak_memory(analysis.load_sweep(folder)[0])
+        assert fig.data[-1].name == "peak process, estimated (reserved + non-torch)"
+        if i == 0:  # one configuration has it: the takeaway stays with NVML, which all have
+            assert "estimated" not in line and "NVML" in line, line
+    assert "needs the least memory: 0.25 GiB peak process, estimated" in line
     fig, line = analysis.energy_per_token(summary)
     assert "J per 1k tokens" in line
     fig, line = analysis.cost_quality(summary)
