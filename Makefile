@@ -7,9 +7,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch is installed first and on its own: on a CPU-only machine pick a CPU build with
+# torch is installed first and on its own, pinned for reproducible figures (any torch>=2.6 works);
+# on a CPU-only machine a CPU build saves several GB:
 #   make TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
-TORCH ?= torch>=2.6
+TORCH ?= torch==2.13.0
 SWEEP ?= parameters/default.yaml
 export QLORA_STUDY_CACHE ?= $(HOME)/.cache/qlora-study
 
@@ -18,7 +19,7 @@ export QLORA_STUDY_CACHE ?= $(HOME)/.cache/qlora-study
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (qlora-study)" >/dev/null
 	touch $@
