@@ -114,19 +114,25 @@ def gpu_baseline(device: str) -> dict:
     torch has reserved by then (one small block). It is outside any allocator cap (vram_budget_gib).
     """
     global _DEVICE_USED_BEFORE_GIB
+    _DEVICE_USED_BEFORE_GIB = None
     out = {"nvml_device_used_before_gib": None, "cuda_context_gib": None}
     if not str(device).startswith("cuda"):
         return out
     nvml = Nvml(device)
-    proc, used = nvml.used_gib()  # our context may exist already (torch.cuda.get_device_name makes one)
-    if used is not None and (proc is not None or not torch.cuda.is_initialized()):
-        _DEVICE_USED_BEFORE_GIB = used - (proc or 0.0)
-        out["nvml_device_used_before_gib"] = _DEVICE_USED_BEFORE_GIB
+    initialised = torch.cuda.is_initialized()  # torch may be initialised with or without a context yet
+    proc0, used0 = nvml.used_gib()
     x = torch.empty(1, device=device)  # makes the context, if not made yet
     sync(device)
-    proc, _ = nvml.used_gib()
-    if proc is not None:
-        out["cuda_context_gib"] = proc - torch.cuda.memory_reserved() / GIB
+    proc1, used1 = nvml.used_gib()
+    # NVML lists our pid once we have a context: then what we held before (0 if unlisted) is known exactly;
+    # where it never lists it (some containers), "before" is only known if torch had not started yet
+    if used0 is not None and (proc1 is not None or not initialised):
+        _DEVICE_USED_BEFORE_GIB = used0 - (proc0 or 0.0)
+        out["nvml_device_used_before_gib"] = _DEVICE_USED_BEFORE_GIB
+    if proc1 is None and out["nvml_device_used_before_gib"] is not None and used1 is not None:
+        proc1 = used1 - out["nvml_device_used_before_gib"]
+    if proc1 is not None:
+        out["cuda_context_gib"] = proc1 - torch.cuda.memory_reserved() / GIB
     del x
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

@@ -126,3 +126,17 @@ def test_notebook_runs_a_synthetic_shape(tmp_path, cache):
     assert len(r["history"]) == 3
     text = (tmp_path / "run.ipynb").read_text()
     assert "not a quality figure" in text and "synthetic: random weights, cost figures only" in text
+
+
+def test_gpu_sweep_file_is_valid_and_keeps_the_claim_rows():
+    from helpers import sweep
+
+    s = sweep.load_sweep(sweep.PROJECT_ROOT / "parameters" / "gpu-7b.yaml", reports_root="/nonexistent")
+    configs = sweep.expand(s)
+    for c in configs:  # the budget needs a GPU; everything else is checked here
+        runs.validate({**c, "vram_budget_gib": 0.0})
+    cells = {(c["quant"], c["vram_budget_gib"], c["batch_size"]) for c in configs}
+    assert ("none", 6.0, 4) in cells and ("nf4", 6.0, 1) in cells  # 16-bit at 6 GiB (the OOM row); NF4 at 6 GiB
+    assert {c["quant"] for c in configs} == set(models.QUANTS)
+    assert all(c["max_steps"] - c["timing_warmup_steps"] >= 10 for c in configs)  # >= 10 timed steps
+    assert all(c["model"] == "llama-2-7b-shape" and c["corpus"] == "random-tokens" for c in configs)

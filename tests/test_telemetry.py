@@ -119,3 +119,35 @@ def test_guard_writes_a_sidecar_with_the_outcome(tmp_path, error, status):
     assert r["status"] == status and str(error) in r["error"]
     assert r["metrics"]["peak_rss_gib"] > 0 and "peak_reserved_gib" in r["metrics"]
     assert json.loads(open(run["sidecar"]).read())["config"]["output_dir"] == str(tmp_path)
+
+
+class SequenceNvml:
+    """NVML readings in turn: one before the CUDA context is made, one after."""
+    handle = object()
+    readings = []
+
+    def __init__(self, device):
+        pass
+
+    def used_gib(self):
+        return SequenceNvml.readings.pop(0)
+
+
+@pytest.mark.parametrize("initialised, readings, before, context", [
+    (True, [(None, 1.0), (0.51, 1.51)], 1.0, 0.51),  # torch started, no context yet: our pid appears after
+    (True, [(0.51, 1.51), (0.51, 1.51)], 1.0, 0.51),  # context already made: what we held is taken off
+    (False, [(None, 1.0), (None, 1.51)], 1.0, 0.51),  # NVML never lists our pid: device used before/after
+    (True, [(None, 1.0), (None, 1.51)], None, None),  # ...and torch had started: "before" is unknown
+])
+def test_gpu_baseline_reads_memory_before_our_context(monkeypatch, initialised, readings, before, context):
+    monkeypatch.setattr(telemetry, "Nvml", SequenceNvml)
+    SequenceNvml.readings = list(readings)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: "block")
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 0)
+    out = telemetry.gpu_baseline("cuda")
+    for key, want in (("nvml_device_used_before_gib", before), ("cuda_context_gib", context)):
+        assert (out[key] is None) if want is None else math.isclose(out[key], want), (key, out)
+    assert telemetry.gpu_baseline("cpu") == {"nvml_device_used_before_gib": None, "cuda_context_gib": None}
