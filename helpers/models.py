@@ -354,7 +354,12 @@ def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant
 
     A synthetic model has no tokenizer (None): it trains on random token ids.
     """
+    import warnings
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # int8 on a float32 compute path warns on every matmul; once is enough for the reader
+    warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
 
     dtype = resolve_dtype(dtype, device)
     source = resolve_model(model)

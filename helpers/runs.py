@@ -29,8 +29,12 @@ def _need(cond: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
 
 
-def validate(config: dict) -> None:
-    """Refuse a bad configuration before anything runs, naming the bad value and what is allowed."""
+def validate(config: dict, here: bool = True) -> None:
+    """Refuse a bad configuration before anything runs, naming the bad value and what is allowed.
+
+    here=False skips the checks that depend on this machine (a GPU for a VRAM budget), so a GPU
+    sweep can be listed with --dry-run on a laptop.
+    """
     c = config
     _need(c["quant"] in QUANTS, "quant", c["quant"], f"use one of {list(QUANTS)}")
     _need(c["dtype"] in DTYPE_CHOICES, "dtype", c["dtype"], f"use one of {list(DTYPE_CHOICES)}")
@@ -66,7 +70,7 @@ def validate(config: dict) -> None:
         problem = bitsandbytes_problem()
         if problem:
             raise RuntimeError(problem)
-    if c["vram_budget_gib"] > 0 and not resolve_device(c["device"]).startswith("cuda"):
+    if here and c["vram_budget_gib"] > 0 and not resolve_device(c["device"]).startswith("cuda"):
         raise ValueError(f"vram_budget_gib={c['vram_budget_gib']!r} needs a CUDA device; this run is on the CPU")
 
 

@@ -190,7 +190,7 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
 
     for cfg in configs:  # every configuration is checked before the first one runs
         try:
-            validate(cfg)
+            validate(cfg, here=not dry_run)
         except ValueError as e:
             raise SweepError(f"{path}: run {cfg['run_id']}: {e}") from e
     show = varying(configs)
