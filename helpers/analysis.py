@@ -258,6 +258,8 @@ def run_table(summary: pd.DataFrame) -> pd.DataFrame:
     t["error"] = [p if len(p) <= 100 else p[:97] + "..." for p in problems]
     t["tokens_per_s"] = t["tokens_per_s"].round(2)
     t["ppl_after"] = t["ppl_after"].round(3)
+    if "synthetic" in summary.columns:  # random weights: a perplexity, but no quality figure
+        t.loc[summary["synthetic"].fillna(False).astype(bool).values, "ppl_after"] = None
     if "seed" in t.columns:
         t["seed"] = pd.to_numeric(t["seed"], errors="coerce").astype("Int64")
     t.index = range(1, len(t) + 1)

@@ -349,17 +349,37 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
+class _OnceFilter:
+    """A logging filter that lets each distinct message through once."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def _say_bnb_casts_once() -> None:
+    """bitsandbytes' int8 matmul logs its input cast on every call (thousands of lines per run)."""
+    import logging
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _OnceFilter) for f in log.filters):
+        log.addFilter(_OnceFilter())
+
+
 def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant: bool = True, device: str = "cpu"):
     """Load tokenizer and model; return (model, tokenizer, info) with parameter counts and weights memory.
 
     A synthetic model has no tokenizer (None): it trains on random token ids.
     """
-    import warnings
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # int8 on a float32 compute path warns on every matmul; once is enough for the reader
-    warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
+    _say_bnb_casts_once()
 
     dtype = resolve_dtype(dtype, device)
     source = resolve_model(model)
