@@ -62,3 +62,18 @@ def test_nf4_weights_well_under_half_of_16bit_for_linear_heavy_model(tmp_path):
     _, _, bf16 = models.load_model(str(tmp_path), quant="none", dtype="bfloat16")
     _, _, nf4 = models.load_model(str(tmp_path), quant="nf4", dtype="bfloat16")
     assert nf4["weights_gib"] < 0.4 * bf16["weights_gib"]
+
+
+def test_bnb_cast_message_is_logged_once(caplog):
+    import logging
+
+    models._say_bnb_casts_once()
+    models._say_bnb_casts_once()  # idempotent: one filter, not two
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            log.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", "torch.float32")
+        log.warning("another message")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs.count("MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization") == 1
+    assert "another message" in msgs
