@@ -593,6 +593,278 @@ def energy_per_token(summary: pd.DataFrame):
 CHARTS = (feasibility_matrix, peak_memory, throughput, perplexity_vs_rank, cost_quality, energy_per_token)
 
 
+# --- quality across seeds (sweeps with repeats) ---------------------------------------------------
+
+# Two-sided 95% Student t critical values t(0.975, df) for df = 1..30 (any statistics table; scipy is not a
+# dependency). Above 30: the Cornish-Fisher expansion around z = 1.959964, within 0.001 of the table there.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+NO_REPEATS = ("a sweep with one run per configuration has no spread across seeds to build a confidence "
+              "interval from (set repeats: 3 or more in the sweep file)")
+
+
+def t_critical_95(df: int) -> float:
+    """t(0.975, df): half of a two-sided 95% interval is t x standard error."""
+    if df < 1:
+        return math.nan
+    if df <= len(T975):
+        return T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def mean_ci95(values) -> tuple[float, float, int]:
+    """(mean, half width of the 95% t interval, n) of the non-missing values; half width NaN below 2 values.
+    The interval is mean ± t(0.975, n-1) x sample standard deviation (n-1) / sqrt(n)."""
+    v = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").dropna().astype(float)
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, 0
+    if n == 1:
+        return float(v.iloc[0]), math.nan, 1
+    return float(v.mean()), t_critical_95(n - 1) * float(v.std(ddof=1)) / math.sqrt(n), n
+
+
+def _ci_words(mean: float, half: float, digits: int = 3) -> str:
+    if math.isnan(half):
+        return f"{mean:.{digits}f} (one seed, no interval)"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def repeats_problem(summary: pd.DataFrame) -> str | None:
+    """None if some configuration has finished, non-synthetic runs from 2 or more seeds; else why not."""
+    rows, note = _quality_rows(summary, "ppl_after")
+    if rows.empty:
+        return ("no finished run has a quality figure" + (" (every finished run is synthetic)" if note else ""))
+    if "seed" not in rows.columns or rows.groupby("config")["seed"].nunique().max() < 2:
+        return NO_REPEATS
+    return None
+
+
+def ppl_ci_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per configuration (finished, non-synthetic runs): n_seeds, ppl_before and ppl_after as mean with the half
+    width of their 95% t interval across seeds (ci95), and the interval's ends; the sweep's reading order."""
+    rows, _ = _quality_rows(summary, "ppl_after")
+    out = []
+    for config, g in rows.groupby("config", sort=False):
+        after, half, n = mean_ci95(g["ppl_after"])
+        before, before_half, _ = mean_ci95(g["ppl_before"])
+        out.append({"config": config, "quant": g["quant"].iloc[0], "lora_r": pd.to_numeric(g["lora_r"]).iloc[0],
+                    "n_seeds": n, "ppl_before_mean": before, "ppl_before_ci95": before_half,
+                    "ppl_after_mean": after, "ppl_after_ci95": half,
+                    "ppl_after_lo": after - half, "ppl_after_hi": after + half})
+    cols = ["config", "quant", "lora_r", "n_seeds", "ppl_before_mean", "ppl_before_ci95", "ppl_after_mean",
+            "ppl_after_ci95", "ppl_after_lo", "ppl_after_hi"]
+    return pd.DataFrame(out, columns=cols).set_index("config")
+
+
+def paired_ratio_ci(rows: pd.DataFrame, col: str, quant: str) -> tuple[float, float, int, bool]:
+    """quant's col over the unquantized arm's (quant none), paired by seed and by every other config key.
+
+    Per seed, the ratio at each shared configuration (e.g. each rank) is averaged; the seeds' averages give
+    (mean, 95% half width, n_seeds, exact). exact: every paired ratio is the same number (a deterministic
+    figure such as ppl_before on one device), so the ratio has no sampling spread at all.
+    """
+    rows = rows[rows[col].notna()]
+    key = config_labels(rows, exclude=("quant",)) + " · seed " + rows["seed"].astype(str)
+    base = rows[rows["quant"] == "none"].groupby(key[rows["quant"] == "none"])[col].mean()
+    mine = rows["quant"] == quant
+    vals = rows[mine].groupby(key[mine])[col].mean()
+    shared = vals.index.intersection(base.index)
+    if not len(shared):
+        return math.nan, math.nan, 0, False
+    ratio = vals[shared] / base[shared]
+    seed = rows[mine].groupby(key[mine])["seed"].first()[shared]
+    per_seed = ratio.groupby(seed.values).mean()
+    exact = bool(ratio.max() - ratio.min() <= 1e-12 * abs(ratio.mean()))
+    mean, half, n = mean_ci95(per_seed)
+    return mean, (0.0 if exact else half), n, exact
+
+
+def _quants_in(rows: pd.DataFrame) -> list:
+    present = set(rows["quant"])
+    return [q for q in QUANT_ORDER if q in present] + sorted(present - set(QUANT_ORDER))
+
+
+def _ratio_words(mean: float, half: float, exact: bool) -> str:
+    if exact:
+        return f"{mean:.4f}x (exact: the same in every run)"
+    if math.isnan(half):
+        return f"{mean:.4f}x (one seed, no interval)"
+    return f"{mean:.4f}x (95% CI {mean - half:.4f}–{mean + half:.4f})"
+
+
+def perplexity_ci(summary: pd.DataFrame):
+    """Perplexity after training per configuration: mean across seeds with its 95% t interval (error bars),
+    and each quantization's ppl_after over the unquantized arm's, paired by seed and rank."""
+    problem = repeats_problem(summary)
+    if problem:
+        return None, f"No confidence intervals: {problem}."
+    rows, note = _quality_rows(summary, "ppl_after")
+    t = ppl_ci_table(summary)
+    fig = go.Figure(go.Scatter(x=t.index, y=t["ppl_after_mean"], mode="markers",
+                               error_y=dict(type="data", array=t["ppl_after_ci95"], visible=True),
+                               customdata=t["n_seeds"], marker=dict(size=10, color="#1f77b4"),
+                               hovertemplate="%{x}<br>ppl_after %{y:.3f} ± %{error_y.array:.3f} (n=%{customdata})<extra></extra>"))
+    fig.update_layout(title="Perplexity after training: mean and 95% interval across seeds (lower is better)",
+                      xaxis_title="configuration", yaxis_title="ppl_after", height=450)
+    best = t["ppl_after_mean"].idxmin()
+    line = (f"Best: {best}, ppl_after {_ci_words(t.loc[best, 'ppl_after_mean'], t.loc[best, 'ppl_after_ci95'])} "
+            f"over {t.loc[best, 'n_seeds']} seeds")
+    gaps = []
+    if "none" in set(rows["quant"]):
+        for q in [x for x in _quants_in(rows) if x != "none"]:
+            mean, half, n, exact = paired_ratio_ci(rows, "ppl_after", q)
+            if n:
+                gaps.append(f"{q} {_ratio_words(mean, half, exact)}")
+    if gaps:
+        line += "; ppl_after vs the unquantized arm at equal rank and seed: " + ", ".join(gaps)
+    return fig, line + "." + note + _q4_1_note(rows)
+
+
+def quantization_gap(summary: pd.DataFrame):
+    """The quantization-only gap: perplexity of each quantized base before training over the unquantized base's,
+    on the same eval blocks. ppl_before depends on no seed, so on one device it is usually the same in every
+    run and the ratio is exact; where it varies (non-deterministic kernels), a 95% interval across seeds."""
+    rows, note = _quality_rows(summary, "ppl_before")
+    problem = repeats_problem(summary)
+    if problem:
+        return None, f"No quantization-only gap with intervals: {problem}."
+    if "none" not in set(rows["quant"]):
+        return None, "No quantization-only gap: the sweep has no unquantized (quant none) arm to compare with." + note
+    quants = _quants_in(rows)
+    stats = {q: mean_ci95(rows.loc[rows["quant"] == q, "ppl_before"]) for q in quants}
+    fig = go.Figure(go.Bar(x=quants, y=[stats[q][0] for q in quants], marker_color="#8c564b",
+                           error_y=dict(type="data", array=[0.0 if math.isnan(stats[q][1]) else stats[q][1]
+                                                            for q in quants], visible=True),
+                           hovertemplate="%{x}<br>ppl_before %{y:.3f}<extra></extra>"))
+    fig.update_layout(title="Quantization alone: perplexity of the base before training (same eval blocks)",
+                      xaxis_title="quant", yaxis_title="ppl_before", height=420)
+    parts = []
+    for q in [x for x in quants if x != "none"]:
+        mean, half, n, exact = paired_ratio_ci(rows, "ppl_before", q)
+        if n:
+            parts.append(f"{q} {_ratio_words(mean, half, exact)}")
+    line = f"Before any training, the unquantized base scores {stats['none'][0]:.3f}"
+    if parts:
+        line += "; quantized base over unquantized: " + ", ".join(parts)
+    dtypes = sorted({str(d) for d in rows.get("dtype_resolved", pd.Series(dtype=object)).dropna()})
+    if dtypes:
+        line += f" (base dtype {', '.join(dtypes)})"
+    return fig, line + "." + note + _q4_1_note(rows)
+
+
+def flattening_rank(ranks, means, halves) -> float:
+    """The rank where returns flatten: the smallest rank whose mean ppl_after is at or below the upper end of
+    the best rank's 95% interval (best mean + its half width), i.e. not distinguishable from the best at this
+    many seeds. The best rank is the one with the lowest mean. With no interval at the best rank (one seed),
+    only the best rank itself qualifies. NaN if no rank has a mean."""
+    t = pd.DataFrame({"r": list(ranks), "m": list(means), "h": list(halves)}).dropna(subset=["r", "m"])
+    if t.empty:
+        return math.nan
+    b = t.loc[t["m"].idxmin()]
+    bound = b["m"] + (0.0 if pd.isna(b["h"]) else b["h"])
+    return float(t.loc[t["m"] <= bound, "r"].min())
+
+
+def rank_returns(summary: pd.DataFrame):
+    """Mean ppl_after (95% interval across seeds) against LoRA rank, one line per quantization (and any other
+    varying key), with the rank where returns flatten marked (helpers.analysis.flattening_rank's rule)."""
+    problem = repeats_problem(summary)
+    if problem:
+        return None, f"No rank-returns chart: {problem}."
+    rows, note = _quality_rows(summary, "ppl_after")
+    t = ppl_ci_table(summary)
+    series = dict(zip(rows["config"], config_labels(rows, exclude=("lora_r",))))
+    t["series"] = [series[c] for c in t.index]
+    if t["lora_r"].nunique() < 2:
+        return None, "No rank-returns chart: the sweep has one LoRA rank." + note
+    fig = go.Figure()
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    flat = {}
+    for i, (name, g) in enumerate(t.groupby("series", sort=False)):
+        g = g.sort_values("lora_r")
+        color = palette[i % len(palette)]
+        r_flat = flattening_rank(g["lora_r"], g["ppl_after_mean"], g["ppl_after_ci95"])
+        best = g.loc[g["ppl_after_mean"].idxmin()]
+        flat[name] = (r_flat, best["lora_r"], g["lora_r"].min())
+        fig.add_trace(go.Scatter(x=g["lora_r"], y=g["ppl_after_mean"], mode="lines+markers", name=name,
+                                 line=dict(color=color), error_y=dict(type="data", array=g["ppl_after_ci95"]),
+                                 hovertemplate="r=%{x}<br>ppl_after %{y:.3f}<extra></extra>"))
+        if not math.isnan(r_flat):
+            y = g.loc[g["lora_r"] == r_flat, "ppl_after_mean"].iloc[0]
+            fig.add_trace(go.Scatter(x=[r_flat], y=[y], mode="markers", showlegend=False,
+                                     marker=dict(symbol="star", size=16, color=color, line=dict(color="black", width=1)),
+                                     hovertemplate=f"{name}: returns flatten at r{r_flat:g}<extra></extra>"))
+    fig.update_layout(title="Perplexity after training vs LoRA rank (★: where returns flatten)",
+                      xaxis_title="lora_r", yaxis_title="ppl_after (mean, 95% interval)", xaxis_type="log",
+                      xaxis=dict(tickvals=sorted(t["lora_r"].unique())), height=450)
+    parts = []
+    for name, (r_flat, r_best, r_min) in flat.items():
+        if r_flat == r_min:
+            parts.append(f"{name} r{r_flat:g} (the smallest rank tried: no higher rank is better beyond its interval)")
+        elif r_flat == r_best:
+            parts.append(f"{name} r{r_flat:g} (the best rank; every lower rank is worse beyond its interval)")
+        else:
+            parts.append(f"{name} r{r_flat:g} (within the interval of its best, r{r_best:g})")
+    line = ("Returns flatten (smallest rank whose mean ppl_after is within the best rank's 95% interval): "
+            + "; ".join(parts))
+    return fig, line + "." + note + _q4_1_note(rows)
+
+
+MEMORY_COLS = (("peak_process_est_gib", "peak process memory, estimated, GiB"),
+               ("peak_nvml_process_used_gib", "peak process memory (NVML), GiB"),
+               ("peak_reserved_gib", "peak reserved (torch), GiB"), ("peak_rss_gib", "peak resident memory, GiB"))
+
+
+def cost_quality_frontier(summary: pd.DataFrame):
+    """Mean ppl_after (95% interval) against this sweep's own median training time and peak memory per
+    configuration; the dashed line is the Pareto front on the means (no other configuration is both cheaper and
+    better). The memory measure is the widest one every configuration has (process estimate, NVML, reserved;
+    resident memory on a CPU)."""
+    problem = repeats_problem(summary)
+    if problem:
+        return None, f"No cost-quality frontier with intervals: {problem}."
+    rows, note = _quality_rows(summary, "ppl_after")
+    t = ppl_ci_table(summary)
+    cost = rows.groupby("config", sort=False)[["train_s"] + [c for c, _ in MEMORY_COLS]].median().reindex(t.index)
+    mem = next(((c, label) for c, label in MEMORY_COLS if cost[c].notna().all()), None)
+    axes = [("train_s", "training time, s")] + ([mem] if mem else [])
+    fig = make_subplots(rows=1, cols=len(axes), shared_yaxes=True, subplot_titles=[a[1] for a in axes])
+    fronts = {}
+    for i, (col, label) in enumerate(axes, start=1):
+        ok = cost[col].notna()
+        x, y = cost.loc[ok, col], t.loc[ok, "ppl_after_mean"]
+        front = _pareto_front(x, y)
+        fronts[col] = front
+        fig.add_trace(go.Scatter(x=x, y=y, mode="markers+text", text=x.index, textposition="top center",
+                                 error_y=dict(type="data", array=t.loc[ok, "ppl_after_ci95"]),
+                                 marker=dict(size=10, color="#1f77b4"), name="configuration", showlegend=i == 1,
+                                 hovertemplate="%{text}<br>%{x:.2f}<br>ppl_after %{y:.3f}<extra></extra>"), row=1, col=i)
+        fig.add_trace(go.Scatter(x=x[front], y=y[front], mode="lines", line=dict(color="#d62728", dash="dash"),
+                                 name="Pareto front", showlegend=i == 1, hoverinfo="skip"), row=1, col=i)
+        fig.update_xaxes(title_text=col, row=1, col=i)
+    fig.update_yaxes(title_text="ppl_after (mean, 95% interval)", row=1, col=1)
+    fig.update_layout(title="Cost vs quality across seeds (down-left is better)", height=480)
+
+    def describe(col, unit):
+        f = fronts[col]
+        s = f"{f[0]} is cheapest ({cost.loc[f[0], col]:.2f}{unit}, ppl {_ci_words(t.loc[f[0], 'ppl_after_mean'], t.loc[f[0], 'ppl_after_ci95'])})"
+        if len(f) > 1:
+            s += (f", {f[-1]} best ({cost.loc[f[-1], col]:.2f}{unit}, ppl "
+                  f"{_ci_words(t.loc[f[-1], 'ppl_after_mean'], t.loc[f[-1], 'ppl_after_ci95'])})")
+        return s + f", {len(f)} of {len(t)} configurations on the front"
+    line = "Time front: " + describe("train_s", " s")
+    if mem:
+        line += f"; memory front ({mem[0]}): " + describe(mem[0], " GiB")
+    else:
+        line += "; no memory measure covers every configuration"
+    return fig, line + "." + note + _q4_1_note(rows)
+
+
+REPEAT_CHARTS = (perplexity_ci, quantization_gap, rank_returns, cost_quality_frontier)
+
+
 # --- display -------------------------------------------------------------------------------------
 
 class _ReportHtmlRenderer(MimetypeRenderer):

@@ -62,6 +62,20 @@ analysis.show(*analysis.loss_curves(history))
     code('''
 analysis.show(*analysis.cost_quality(summary))
 '''),
+    md("""## Quality across seeds: confidence intervals, the quantization-only gap, rank, and cost
+Shown only for a sweep with several seeds per configuration (`repeats` ≥ 2), such as `parameters/quality.yaml`.
+Intervals are 95% Student t intervals across seeds (mean ± t(0.975, n−1) · s/√n). The quantization-only gap
+compares the bases before any training on the same eval blocks. Returns flatten at the smallest rank whose
+mean perplexity is within the best rank's interval. Synthetic runs are left out."""),
+    code('''
+problem = analysis.repeats_problem(summary)
+if problem:
+    display(Markdown(f"*Skipped.* No across-seed quality analysis: {problem}."))
+else:
+    display(analysis.ppl_ci_table(summary).round(4))
+    for chart in analysis.REPEAT_CHARTS:
+        analysis.show(*chart(summary))
+'''),
     md("## Energy per 1k training tokens\nFrom NVML's energy counter over the training window (sampled power as a fallback); absent, not zero, where neither exists."),
     code('''
 analysis.show(*analysis.energy_per_token(summary))
