@@ -139,13 +139,15 @@ def test_killed_sweep_redoes_only_the_interrupted_run_and_refuses_a_second_sweep
 
 @pytest.mark.slow
 def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model_dir):
-    # seq_len 200 fits the model (context 256) but not the tiny corpus's eval split -> the run fails
-    path = tiny_sweep(tmp_path, tiny_model_dir, {"seq_len": [32, 200]}, name="fails")
+    # a .jsonl corpus passes the up-front checks (the file exists) but its line lacks "text": the run fails
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n')
+    path = tiny_sweep(tmp_path, tiny_model_dir, {"corpus": [str(tmp_path / "corpus.txt"), str(bad)]}, name="fails")
     states = sweep.run_sweep(path, report=False, reports_root=tmp_path / "r")
     assert sorted(states.values()) == ["error", "ok"]
     runs = tmp_path / "r" / "fails" / "runs"
-    bad = next(r for r in read_all(runs) if r["status"] == "error")
-    assert "seq_len=200" in bad["error"] and bad["config"]["seq_len"] == 200
-    nb = json.loads((runs / f"{bad['run_id']}.ipynb").read_text())  # kept, with papermill's error marker
-    assert any("papermill-error-cell" in "".join(c.get("source", "")) or
-               c.get("metadata", {}).get("tags") == ["papermill-error-cell-tag"] for c in nb["cells"])
+    failed = next(r for r in read_all(runs) if r["status"] == "error")
+    assert "bad.jsonl line 1" in failed["error"] and failed["config"]["corpus"] == str(bad)
+    nb = json.loads((runs / f"{failed['run_id']}.ipynb").read_text())  # kept, with papermill's error marker
+    assert any("papermill-error-cell-tag" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
+    assert (tmp_path / "r" / "fails" / "summary.csv").read_text().count("\n") == 3  # header + 2 rows
