@@ -326,6 +326,16 @@ def feasibility_matrix(summary: pd.DataFrame):
     return fig, line + "."
 
 
+def side_by_side_note(rows: pd.DataFrame) -> str:
+    """The caveat for cost figures of runs that shared the device (helpers.sweep --jobs N), else ""."""
+    n = pd.to_numeric(rows.get("env_side_by_side", pd.Series(dtype=float)), errors="coerce").max()
+    if not n > 1:  # also NaN: sidecars from before the field, or none recorded
+        return ""
+    return (f" Caveat: these runs went up to {int(n)} side by side on one device (helpers.sweep --jobs), so time, "
+            "throughput and energy are shared figures, not one run's alone; torch's per-process memory peaks still "
+            "hold, NVML's device-wide ones do not.")
+
+
 def peak_memory(summary: pd.DataFrame):
     """Weights after load and peak memory per configuration: torch allocated / reserved and NVML on a GPU;
     peak resident memory of the process on a CPU."""
@@ -364,7 +374,7 @@ def peak_memory(summary: pd.DataFrame):
     if ratios:
         line += "; vs 16-bit LoRA in the same configuration: " + ", ".join(
             f"{q} {100 * (r - 1):+.0f}%" for q, r in ratios.items())
-    return fig, line + "."
+    return fig, line + "." + side_by_side_note(ok)
 
 
 def throughput(summary: pd.DataFrame):
@@ -398,7 +408,7 @@ def throughput(summary: pd.DataFrame):
     if "train_s" in med.columns and med["train_s"].notna().any():
         t = med["train_s"].dropna()
         line += f"; training took {t.min():.0f}–{t.max():.0f} s" if len(t) > 1 else f"; training took {t.iloc[0]:.0f} s"
-    return fig, line + "."
+    return fig, line + "." + side_by_side_note(ok)
 
 
 def _quality_rows(summary: pd.DataFrame, col: str):
@@ -554,7 +564,7 @@ def cost_quality(summary: pd.DataFrame):
     line += f"; {len(dominated)} of {len(med)} configurations are beaten on both"
     if "energy_j" in fronts:
         line += f"; energy front: {', '.join(fronts['energy_j'])}"
-    return fig, line + "." + note + _q4_1_note(rows)
+    return fig, line + "." + note + _q4_1_note(rows) + side_by_side_note(rows)
 
 
 def energy_per_token(summary: pd.DataFrame):
@@ -587,7 +597,7 @@ def energy_per_token(summary: pd.DataFrame):
     skipped = len(ok) - len(rows)
     if skipped:
         line += f"; {skipped} finished run(s) have no energy figure"
-    return fig, line + "."
+    return fig, line + "." + side_by_side_note(rows)
 
 
 CHARTS = (feasibility_matrix, peak_memory, throughput, perplexity_vs_rank, cost_quality, energy_per_token)
@@ -859,7 +869,7 @@ def cost_quality_frontier(summary: pd.DataFrame):
         line += f"; memory front ({mem[0]}): " + describe(mem[0], " GiB")
     else:
         line += "; no memory measure covers every configuration"
-    return fig, line + "." + note + _q4_1_note(rows)
+    return fig, line + "." + note + _q4_1_note(rows) + side_by_side_note(rows)
 
 
 REPEAT_CHARTS = (perplexity_ci, quantization_gap, rank_returns, cost_quality_frontier)

@@ -95,6 +95,8 @@ def environment(device: str) -> dict:
         except md.PackageNotFoundError:
             env[pkg] = None
     env["device"] = device
+    # runs sharing the device (helpers.sweep --jobs): 1 means this run had it alone
+    env["side_by_side"] = int(os.environ.get("QLORA_STUDY_SIDE_BY_SIDE", "1"))
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name()
         env["device_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -305,8 +307,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
         row = {"run_id": r.get("run_id"), "status": r.get("status"), "error": r.get("error")}
         row.update({k: v for k, v in (r.get("config") or {}).items() if k != "run_id"})
         row.update(r.get("metrics") or {})
-        row.update({f"env_{k}": env.get(k) for k in ("device", "device_name", "device_total_gib", "torch",
-                                                     "transformers", "peft", "bitsandbytes")})
+        row.update({f"env_{k}": env.get(k) for k in ("device", "device_name", "device_total_gib", "side_by_side",
+                                                     "torch", "transformers", "peft", "bitsandbytes")})
         rows.append(row)
     return rows
 

@@ -1,13 +1,19 @@
 """Run a sweep: a grid of configurations, each executed as the training notebook by papermill.
 
-    python -m helpers.sweep parameters/default.yaml [--dry-run] [--force] [--no-report]
+    python -m helpers.sweep parameters/default.yaml [--dry-run] [--force] [--no-report] [--jobs N]
 
 Every configuration runs in a fresh kernel (clean memory figures) into
 reports/<name>/runs/<run_id>.ipynb; the notebook writes <run_id>.json last. A run with a sidecar
 of status ok or oom is finished and skipped on a re-run; anything else is redone.
+
+--jobs N runs N configurations side by side (one kernel each) on the same device. That is for quality
+sweeps of small models: perplexity stays valid, but time, throughput, energy and device memory are then
+shared by N processes and are not figures of one run. Every sidecar records side_by_side (its N), and the
+analysis says so beside every cost chart of such a sweep.
 """
 import argparse
 import ast
+import concurrent.futures
 import itertools
 import os
 import sys
@@ -18,6 +24,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
 SWEEP_KEYS = {"name", "description", "notebook", "base", "grid", "repeats"}
 FINISHED = ("ok", "oom")  # outcomes that are results; error / corrupt / missing are redone
+SIDE_BY_SIDE_ENV = "QLORA_STUDY_SIDE_BY_SIDE"  # how many runs share the device; recorded in every sidecar
 
 
 class SweepError(ValueError):
@@ -178,11 +185,44 @@ def _fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
+def _side_by_side_worker(jobs: int) -> None:
+    os.environ[SIDE_BY_SIDE_ENV] = str(jobs)  # the kernels papermill starts inherit it
+
+
+def _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0) -> None:
+    """Run `todo` in `jobs` worker processes; print each start and finish with i/N and time left."""
+    index = {c["run_id"]: i for i, c in enumerate(configs, 1)}
+    for c in configs:
+        if c not in todo:
+            print(f"[{index[c['run_id']]}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]})", file=out, flush=True)
+    ctx = __import__("multiprocessing").get_context("spawn")  # no inherited threads or CUDA state
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_side_by_side_worker,
+                                                initargs=(jobs,)) as pool:
+        futures = {pool.submit(execute, sweep, c): c for c in todo}
+        done = 0
+        for f in concurrent.futures.as_completed(futures):
+            c = futures[f]
+            try:
+                states[c["run_id"]] = f.result()
+            except Exception as e:  # the worker process itself died
+                states[c["run_id"]] = _record_failure(c, e)
+            done += 1
+            elapsed = time.perf_counter() - t0
+            left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
+            label = " ".join(f"{k}={c[k]}" for k in show)
+            print(f"[{index[c['run_id']]}/{len(configs)}] {states[c['run_id']]} {c['run_id']} {label} "
+                  f"({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
+
+
 def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = True, reports_root=None,
-              out=None) -> dict:
-    """Check the sweep file, then run every configuration not yet finished; return {run_id: status}."""
+              out=None, jobs: int = 1) -> dict:
+    """Check the sweep file, then run every configuration not yet finished; return {run_id: status}.
+
+    jobs > 1 runs that many side by side (see the module docstring for what that does to cost figures)."""
     from filelock import FileLock, Timeout
 
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise SweepError(f"jobs={jobs!r} must be a whole number >= 1 (1 = one run at a time)")
     out = out or sys.stdout
     sweep = load_sweep(path, reports_root)
     configs = expand(sweep)
@@ -213,7 +253,11 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
                          "wait for it to finish or stop it first") from None
     try:
         t0, done = time.perf_counter(), 0
-        for i, c in enumerate(configs, 1):
+        if jobs > 1:
+            print(f"{jobs} runs side by side: perplexity is valid, time/throughput/energy/device memory are shared "
+                  f"figures, not one run's", file=out, flush=True)
+            _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0)
+        for i, c in enumerate(configs if jobs == 1 else [], 1):
             label = " ".join(f"{k}={c[k]}" for k in show)
             if c not in todo:
                 print(f"[{i}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]}) {label}", file=out, flush=True)
@@ -250,10 +294,13 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="redo every run, finished or not")
     ap.add_argument("--no-report", action="store_true", help="write summary.csv but skip the analysis and HTML")
     ap.add_argument("--reports", default=None, help="reports folder (default: the project's reports/)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs side by side on one device (quality sweeps only: "
+                    "cost figures become shared ones); default 1")
     a = ap.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        run_sweep(a.sweep_file, dry_run=a.dry_run, force=a.force, report=not a.no_report, reports_root=a.reports)
+        run_sweep(a.sweep_file, dry_run=a.dry_run, force=a.force, report=not a.no_report, reports_root=a.reports,
+                  jobs=a.jobs)
     except (SweepError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -151,3 +151,42 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model_dir):
     nb = json.loads((runs / f"{failed['run_id']}.ipynb").read_text())  # kept, with papermill's error marker
     assert any("papermill-error-cell-tag" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
     assert (tmp_path / "r" / "fails" / "summary.csv").read_text().count("\n") == 3  # header + 2 rows
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_jobs_must_be_a_whole_number(tmp_path, jobs):
+    with pytest.raises(sweep.SweepError, match=rf"jobs={jobs!r} must be a whole number >= 1"):
+        sweep.run_sweep(write(tmp_path, GOOD), dry_run=True, reports_root=tmp_path, jobs=jobs)
+
+
+@pytest.mark.slow
+def test_side_by_side_sweep_runs_every_config_records_the_sharing_and_the_analysis_says_so(tmp_path, tiny_model_dir):
+    from helpers import analysis
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "no text field"}\n')
+    path = tiny_sweep(tmp_path, tiny_model_dir, {"corpus": [str(tmp_path / "corpus.txt"), str(bad)], "lora_r": [2, 4]},
+                      name="pair")
+    # the worker processes must find the test's model cache as the kernels do
+    states = sweep.run_sweep(path, report=False, reports_root=tmp_path / "r", jobs=2)
+    assert sorted(states.values()) == ["error", "error", "ok", "ok"]
+    records = read_all(tmp_path / "r" / "pair" / "runs")
+    assert len(records) == 4
+    ok = [r for r in records if r["status"] == "ok"]
+    assert [r["environment"]["side_by_side"] for r in ok] == [2, 2]
+    summary, _ = analysis.load_sweep(tmp_path / "r" / "pair")
+    _, line = analysis.throughput(summary)
+    assert "2 side by side" in line and "shared figures" in line
+    # a resumed sweep finds everything finished or failed-and-redone, never a half-written file
+    again = sweep.run_sweep(path, report=False, reports_root=tmp_path / "r", jobs=2)
+    assert sorted(again.values()) == ["error", "error", "ok", "ok"]
+
+
+def test_side_by_side_note_only_for_shared_runs():
+    import pandas as pd
+
+    from helpers.analysis import side_by_side_note
+
+    assert side_by_side_note(pd.DataFrame({"env_side_by_side": [1, 1]})) == ""
+    assert side_by_side_note(pd.DataFrame({"x": [1]})) == ""  # sidecars from before the field existed
+    assert "up to 4 side by side" in side_by_side_note(pd.DataFrame({"env_side_by_side": [1, 4, None]}))
