@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import models, runs, telemetry  # noqa: E402
+from helpers import levers, models, runs, telemetry  # noqa: E402
 from helpers.data import random_blocks  # noqa: E402
 from helpers.train import attach_lora  # noqa: E402
 
 GIB = 2**30
 
 
-def probe(net, opt, seq_len: int, vocab: int, device: str, nvml) -> dict:
+def probe(net, opt, seq_len: int, vocab: int, device: str, nvml, lever_cfg=None) -> dict:
     """One training step at batch 1; returns pass/fail with memory and time. Never raises an OOM."""
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -49,7 +49,7 @@ def probe(net, opt, seq_len: int, vocab: int, device: str, nvml) -> dict:
     t0 = time.perf_counter()
     try:
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_gpu):
-            loss = net(input_ids=x, labels=x).loss
+            loss = levers.training_loss(net, {"input_ids": x, "labels": x}, lever_cfg or {}, on_gpu)
         loss.backward()
         opt.step()
         telemetry.sync(device)
@@ -108,10 +108,19 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--time-limit", type=float, default=0, help="seconds; stop probing after this (0: none)")
     ap.add_argument("--out", required=True, help="JSON path; the CSV table goes beside it")
+    g = ap.add_argument_group("levers (helpers/levers.py; all off: the plain stack)")
+    g.add_argument("--fused-kernels", action="store_true", help="Liger's Triton kernels (CUDA only)")
+    g.add_argument("--torch-compile", action="store_true", help="torch.compile each decoder layer")
+    g.add_argument("--offload-activations", action="store_true", help="saved activations to pinned host memory")
+    g.add_argument("--keep-16bit", action="store_true", help="QLoRA: no float32 upcast of norms, embeddings, head")
+    g.add_argument("--chunked-loss", type=int, default=0, help="head + loss over N token chunks (0: off)")
     a = ap.parse_args(argv)
+    lever_cfg = {k: getattr(a, k) for k in levers.LEVERS}
 
     device = runs.resolve_device(a.device)
     on_gpu = device.startswith("cuda")
+    for name, value, allowed in levers.problems({**lever_cfg, "quant": a.quant}, on_gpu):
+        ap.error(f"--{name.replace('_', '-')}={value!r} is not allowed: {allowed}")
     context = models.context_length(a.model)
     max_seq = a.max_seq or context
     if not max_seq or max_seq < a.step:
@@ -129,14 +138,18 @@ def main(argv=None):
     t0 = time.perf_counter()
     net, _, info = models.load_model(a.model, a.quant, "auto", True, device=device)
     load_s = time.perf_counter() - t0
-    net = attach_lora(net, a.quant, a.lora_r, 2 * a.lora_r, 0.05)
+    net = levers.apply_to_base(net, lever_cfg)
+    net = attach_lora(net, a.quant, a.lora_r, 2 * a.lora_r, 0.05, keep_16bit=a.keep_16bit)
+    net = levers.apply_to_peft(net, lever_cfg)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     vocab = net.config.vocab_size
     nvml = telemetry.Nvml(device)
-    first = {**probe(net, opt, a.step, vocab, device, nvml), "budget_gib": None}  # makes the optimizer state, uncapped
+    first = {**probe(net, opt, a.step, vocab, device, nvml, lever_cfg), "budget_gib": None}  # makes the optimizer state, uncapped
     if not first["ok"]:
         sys.exit(f"a {a.step}-token step fails even without a budget: {first['error']}")
     resident = torch.cuda.memory_allocated() / GIB if on_gpu else None  # weights + LoRA + optimizer state
+    on = {k: v for k, v in lever_cfg.items() if v}
+    print(f"levers: {on or 'none (the plain stack)'}", flush=True)
     print(f"{a.model} quant={a.quant} r={a.lora_r} on {device}: load {load_s:.1f} s, weights {info['weights_gib']:.2f} GiB, "
           f"resident with LoRA + AdamW state {resident or float('nan'):.2f} GiB, CUDA context "
           f"{baseline['cuda_context_gib'] or float('nan'):.2f} GiB; search {a.step}..{max_seq} step {a.step}", flush=True)
@@ -151,7 +164,7 @@ def main(argv=None):
         rows = {}
 
         def test(n, budget=budget):
-            r = probe(net, opt, n, vocab, device, nvml)
+            r = probe(net, opt, n, vocab, device, nvml, lever_cfg)
             r["budget_gib"] = budget
             probes.append(r)
             rows[n] = r
@@ -186,7 +199,7 @@ def main(argv=None):
     record = {
         "what": "largest seq_len for one training step at batch 1 under each VRAM budget (bisection)",
         "model": a.model, "synthetic": info["synthetic"], "quant": a.quant, "lora_r": a.lora_r, "batch_size": 1,
-        "optimizer": "torch AdamW", "gradient_checkpointing": True, "step": a.step, "max_seq": max_seq,
+        "optimizer": "torch AdamW", "gradient_checkpointing": True, "levers": lever_cfg, "step": a.step, "max_seq": max_seq,
         "model_context": context, "device": device, "load_s": load_s, "weights_gib": info["weights_gib"],
         "resident_gib": resident, **baseline,
         "budget_note": runs.BUDGET_NOTE if on_gpu else "CPU: no allocator cap, one search without a budget",

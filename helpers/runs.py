@@ -9,6 +9,9 @@ from pathlib import Path
 
 from .data import RANDOM_CORPUS, check_corpus_name
 from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic
+from .levers import LEVERS
+from .levers import config_of as levers_of
+from .levers import problems as lever_problems
 from .train import BNB_OPTIMIZERS, OPTIMIZERS
 
 SIDECAR_VERSION = 1
@@ -72,11 +75,15 @@ def validate(config: dict, here: bool = True) -> None:
             raise RuntimeError(problem)
     if here and c["vram_budget_gib"] > 0 and not resolve_device(c["device"]).startswith("cuda"):
         raise ValueError(f"vram_budget_gib={c['vram_budget_gib']!r} needs a CUDA device; this run is on the CPU")
+    on_gpu = resolve_device(c["device"]).startswith("cuda") if here else None
+    for name, value, allowed in lever_problems({**levers_of(c), "quant": c["quant"]}, on_gpu):
+        raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
 
 
 def run_id(config: dict) -> str:
     """Readable and derived from the parameters: the same config always gets the same id."""
-    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID}
+    # a lever left off is not in the id, so runs from before the levers existed keep their ids
+    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in LEVERS and not v)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(str(config["model"])).name.replace("/", "_")
     return f"{name}-{config['quant']}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"

@@ -3,19 +3,28 @@ import tempfile
 
 import torch
 
-# Optimizers offered (HF TrainingArguments `optim` names). The 8-bit and paged ones need bitsandbytes;
+# Optimizers offered (HF TrainingArguments `optim` names). adamw_torch_fused: torch's single-kernel AdamW (a
+# speed lever; the same update). The 8-bit and paged ones need bitsandbytes;
 # paged = optimizer state in CUDA unified memory that can spill to the host under memory pressure.
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
 def attach_lora(model, quant: str, lora_r: int, lora_alpha: int, lora_dropout: float,
-                target_modules: str = "all-linear", gradient_checkpointing: bool = True):
-    """Freeze the base, add LoRA adapters, and set up gradient checkpointing the same way in both arms."""
+                target_modules: str = "all-linear", gradient_checkpointing: bool = True, keep_16bit: bool = False):
+    """Freeze the base, add LoRA adapters, and set up gradient checkpointing the same way in both arms.
+
+    keep_16bit (QLoRA only): freeze and checkpoint as peft's prepare_model_for_kbit_training does, but leave
+    norms, embeddings and head in the compute dtype instead of upcasting them to float32."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}
-    if quant != "none":
+    if quant != "none" and keep_16bit:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    elif quant != "none":
         # freezes the base, casts norms/embeddings to fp32, enables checkpointing
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
@@ -49,9 +58,14 @@ class BlockDataset(torch.utils.data.Dataset):
 
 def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, quant: str, max_steps: int,
                  batch_size: int, grad_accum: int, learning_rate: float, warmup_steps: int, optimizer: str,
-                 seed: int, callbacks=(), progress: bool = True, output_dir: str | None = None):
-    """A Trainer set up for a fixed number of optimizer steps, no checkpoints, no reporting."""
+                 seed: int, callbacks=(), progress: bool = True, output_dir: str | None = None, levers=None):
+    """A Trainer set up for a fixed number of optimizer steps, no checkpoints, no reporting.
+
+    levers (helpers.levers): with offload_activations or chunked_loss on, the loss goes through them; with
+    both off it is transformers' own Trainer, the plain reference."""
     from transformers import Trainer, TrainingArguments
+
+    from .levers import lever_trainer_class
 
     on_gpu = str(device).startswith("cuda")
     args = TrainingArguments(
@@ -76,4 +90,8 @@ def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, 
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
-    return Trainer(model=model, args=args, train_dataset=BlockDataset(train_blocks), callbacks=list(callbacks))
+    kw = dict(model=model, args=args, train_dataset=BlockDataset(train_blocks), callbacks=list(callbacks))
+    levers = levers or {}
+    if levers.get("offload_activations") or levers.get("chunked_loss"):
+        return lever_trainer_class()(**kw, levers=levers, on_gpu=on_gpu)
+    return Trainer(**kw)

@@ -65,8 +65,14 @@ batch_size: int = 2            # blocks per micro-batch (2 x 256 tokens: 512 tok
 grad_accum: int = 1            # micro-batches per optimizer step
 learning_rate: float = 2e-4    # peak LR (the QLoRA paper uses 1e-4 to 2e-4 for small models)
 warmup_steps: int = 3          # linear LR warm-up steps, then linear decay to 0
-optimizer: str = "adamw_torch" # adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | sgd
+optimizer: str = "adamw_torch" # adamw_torch | adamw_torch_fused | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | sgd
 seed: int = 0                  # LoRA init and batch order; the eval split does not depend on it
+# --- speed and memory levers (all off: the plain stack, the reference) ---------------------------
+fused_kernels: bool = False    # Liger's Triton kernels: RMSNorm, SwiGLU, RoPE, head fused with the loss (CUDA only)
+torch_compile: bool = False    # torch.compile each decoder layer; the first steps pay the compile time
+offload_activations: bool = False  # tensors saved for backward wait in pinned host memory, not on the GPU
+keep_16bit: bool = False       # QLoRA only: norms, embeddings and head stay 16-bit (peft upcasts them to float32)
+chunked_loss: int = 0          # head + cross-entropy over this many token chunks (0: off): never the whole logits
 # --- measurement --------------------------------------------------------------------------------
 timing_warmup_steps: int = 3   # first steps left out of steady-state tokens/s (allocator and kernel warm-up)
 vram_budget_gib: float = 0.0   # emulate a smaller GPU by capping torch's allocator (GiB); 0: whole card; GPU only.
@@ -98,6 +104,9 @@ with runs.guard(run), telemetry.phase("load", run["metrics"], run["device"]):
     runs.apply_vram_budget(run)
     net, tokenizer, info = models.load_model(model, quant, dtype, double_quant, device=run["device"])
 run["metrics"].update(info)
+from helpers import levers
+lever_cfg = levers.config_of(config)
+net = levers.apply_to_base(net, lever_cfg)  # Liger's kernels, if on: before evaluation, so one model throughout
 print(f"{info['params_total']/1e6:.1f} M parameters, weights {info['weights_gib']*1024:.0f} MiB, load {run['metrics']['load_s']:.1f} s"
       + (" -- synthetic: random weights, cost figures only" if info["synthetic"] else ""))
 '''),
@@ -117,12 +126,16 @@ run["metrics"]["ppl_before"] = before["ppl"]
 not_quality = " (synthetic: random weights and tokens -- recorded, not a quality figure)" if info["synthetic"] else ""
 print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{not_quality}")
 '''),
-    md("## 5 · Attach LoRA\nFreeze the base, add adapters; gradient checkpointing is set up identically in the 16-bit and quantized arms."),
+    md("## 5 · Attach LoRA\nFreeze the base, add adapters; gradient checkpointing is set up identically in the 16-bit and quantized arms. "
+       "Levers that are on (speed and memory, `helpers/levers.py`) are applied here and printed."),
     code('''
 from helpers.train import attach_lora, make_trainer
 from transformers import set_seed
 set_seed(seed)
-net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing)
+net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, keep_16bit)
+net = levers.apply_to_peft(net, lever_cfg)  # torch.compile of each decoder layer, if on
+on_levers = {k: v for k, v in lever_cfg.items() if v}
+print(f"levers: {on_levers or 'none (the plain stack)'}")
 run["metrics"]["params_trainable"], _ = models.count_parameters(net)
 print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
@@ -133,7 +146,7 @@ print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metric
 steps = telemetry.StepTelemetry(run["device"], tokens_per_step=batch_size * grad_accum * (seq_len - 1))
 trainer = make_trainer(net, train_blocks, device=run["device"], dtype=info["dtype_resolved"], quant=quant, max_steps=max_steps,
                        batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
-                       warmup_steps=warmup_steps, optimizer=optimizer, seed=seed, callbacks=[steps])
+                       warmup_steps=warmup_steps, optimizer=optimizer, seed=seed, callbacks=[steps], levers=lever_cfg)
 with runs.guard(run, steps), telemetry.phase("train", run["metrics"], run["device"]):
     trainer.train()
 run["history"] = steps.history

@@ -1,0 +1,145 @@
+"""Speed and memory levers for the training step, each off by default so the plain stack stays the reference.
+
+    fused_kernels        Liger's Triton kernels (RMSNorm, SwiGLU, RoPE, and the output head fused with the
+                         cross-entropy so the full logits are never held). CUDA only.
+    torch_compile        torch.compile each decoder layer (regional compilation: one compiled graph shared by
+                         all layers of a shape, so compile time does not grow with depth).
+    offload_activations  tensors saved for backward during the forward pass (with checkpointing: the layer
+                         inputs, and the head's input) go to pinned host memory and come back in backward.
+    keep_16bit           QLoRA only: skip peft's upcast of norms, embeddings and head to float32 (which doubles
+                         their memory); they stay in the compute dtype, as in the 16-bit arm.
+    chunked_loss         N > 0: apply the output head and cross-entropy in N chunks of tokens, each
+                         recomputed in backward, so the (tokens x vocab) float32 logits are never whole.
+
+apply_to_base() goes before LoRA is attached (Liger patches the base model's modules), apply_to_peft() after;
+training_loss() is the one loss every path uses (the Trainer subclass, the max-context probe, the tests), so a
+lever means the same thing everywhere.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss")
+IGNORE_INDEX = -100
+
+
+def config_of(cfg: dict) -> dict:
+    """The lever settings of a run configuration (absent keys: off)."""
+    return {k: cfg.get(k, 0 if k == "chunked_loss" else False) for k in LEVERS}
+
+
+def problems(cfg: dict, on_gpu: bool | None) -> list[tuple[str, object, str]]:
+    """(name, value, what is allowed) for every lever setting that cannot run; [] when all can.
+    on_gpu None: the machine is not the one that will run it (a dry run), so skip device and install checks."""
+    out = []
+    if cfg.get("fused_kernels") and on_gpu is False:
+        out.append(("fused_kernels", True, "False on a CPU (Liger's kernels are Triton: CUDA only)"))
+    if cfg.get("fused_kernels") and cfg.get("chunked_loss"):
+        out.append(("chunked_loss", cfg["chunked_loss"], "0 with fused_kernels (both replace the head's loss)"))
+    if cfg.get("fused_kernels") and on_gpu is not None:
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            out.append(("fused_kernels", True, "False unless liger-kernel is installed (pip install -e .[fast])"))
+    if cfg.get("keep_16bit") and cfg.get("quant", "none") == "none":
+        out.append(("keep_16bit", True, "False for quant none (only QLoRA upcasts norms, embeddings and head)"))
+    n = cfg.get("chunked_loss", 0)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        out.append(("chunked_loss", n, "0 (off) or a whole number of chunks >= 1"))
+    return out
+
+
+def apply_to_base(model, cfg: dict):
+    """Levers that change the base model before LoRA: Liger's kernels."""
+    if cfg.get("fused_kernels"):
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)  # rope, rms_norm, swiglu, fused_linear_cross_entropy
+    return model
+
+
+def decoder_layers(model) -> list:
+    """The repeated transformer blocks (modules whose class name ends in DecoderLayer)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def apply_to_peft(model, cfg: dict):
+    """Levers that go on the model with adapters: regional torch.compile."""
+    if cfg.get("torch_compile"):
+        layers = decoder_layers(model)
+        if not layers:
+            raise ValueError(f"torch_compile=True found no decoder layers in {type(model).__name__} to compile")
+        for layer in layers:
+            layer.compile()  # nn.Module.compile: the module's __call__ goes through torch.compile
+    return model
+
+
+def _shifted(labels: torch.Tensor) -> torch.Tensor:
+    """Labels for next-token prediction, as transformers shifts them: position t predicts token t+1."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
+def _chunk_nll(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_nll(model, input_ids, labels, attention_mask=None, chunks: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL, label tokens), the head applied chunk by chunk (each chunk recomputed in
+    backward): transformers' loss is sum / tokens, here without the (tokens x vocab) logits at once."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    target = _shifted(labels)
+    hidden, target = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for h, t in zip(hidden.chunk(chunks), target.chunk(chunks)):
+        total = total + checkpoint(_chunk_nll, lm.lm_head, h, t, use_reentrant=False)
+    return total, (target != IGNORE_INDEX).sum()
+
+
+def chunked_causal_lm_loss(model, input_ids, labels, attention_mask=None, chunks: int = 8) -> torch.Tensor:
+    """Mean next-token NLL over label tokens: the value of transformers' own loss."""
+    total, n = chunked_nll(model, input_ids, labels, attention_mask, chunks)
+    return total / n.clamp(min=1)
+
+
+def offload_context(cfg: dict, on_gpu: bool):
+    """Where the forward pass runs: saved tensors to pinned host memory when offload_activations is on."""
+    if cfg.get("offload_activations"):
+        return torch.autograd.graph.save_on_cpu(pin_memory=on_gpu)
+    return contextlib.nullcontext()
+
+
+def training_loss(model, batch: dict, cfg: dict, on_gpu: bool) -> torch.Tensor:
+    """The loss of one micro-batch with the run's levers (the forward pass only; backward is the caller's)."""
+    with offload_context(cfg, on_gpu):
+        if cfg.get("chunked_loss"):
+            return chunked_causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                                          chunks=cfg["chunked_loss"])
+        return model(**batch).loss
+
+
+def lever_trainer_class():
+    """A transformers Trainer whose loss goes through the levers (offload, chunked loss); built lazily so
+    importing this module does not import transformers."""
+    from transformers import Trainer
+
+    class LeverTrainer(Trainer):
+        def __init__(self, *a, levers: dict, on_gpu: bool, **kw):
+            super().__init__(*a, **kw)
+            self.levers, self.on_gpu = levers, on_gpu
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with offload_context(self.levers, self.on_gpu):
+                if not self.levers.get("chunked_loss"):
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                total, n = chunked_nll(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                       chunks=self.levers["chunked_loss"])
+            # as transformers does for a model that takes loss kwargs: divide by the label tokens of the whole
+            # optimizer step when the Trainer counted them (gradient accumulation), else by this micro-batch's
+            denom = num_items_in_batch if num_items_in_batch is not None else n.clamp(min=1)
+            loss = total / (denom.to(total.device) if torch.is_tensor(denom) else denom)
+            return (loss, None) if return_outputs else loss
+
+    return LeverTrainer
