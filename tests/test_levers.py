@@ -126,3 +126,23 @@ def test_levers_left_off_do_not_change_run_ids():
     off = {**BASE, **PLAIN}
     assert runs.run_id(off) == runs.run_id(BASE)  # runs recorded before the levers existed keep their ids
     assert runs.run_id({**BASE, "torch_compile": True}) != runs.run_id(BASE)
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_offload_reaches_every_checkpointed_layer_input(tiny_model_dir, quant, monkeypatch):
+    """What offload_activations moves is what autograd's saved-tensor hooks see. With checkpointing, what stays
+    alive between forward and backward is each decoder layer's input; torch's (non-reentrant) checkpoint saves it
+    as a saved tensor, so the hook must see every one of them, or offloading would leave them on the device."""
+    torch.manual_seed(0)
+    net, _, _ = models.load_model(str(tiny_model_dir), quant=quant, dtype="float32")
+    net = attach_lora(net, quant, 4, 8, 0.0)
+    inputs, packed = [], set()
+    for layer in levers.decoder_layers(net):
+        layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: packed.add(t.data_ptr()) or t, lambda t: t)
+    monkeypatch.setattr(levers, "offload_context", lambda cfg, on_gpu: hooks)
+    x = torch.randint(0, 128, (2, 24))
+    loss = levers.training_loss(net, {"input_ids": x, "labels": x}, {**PLAIN, "offload_activations": True}, False)
+    layers = levers.decoder_layers(net)
+    assert len(inputs) == len(layers) == 2 and all(t.data_ptr() in packed for t in inputs)
+    loss.backward()
