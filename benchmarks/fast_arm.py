@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import levers, runs, sweep  # noqa: E402
 
-ALL_ON = "fused_kernels,torch_compile,keep_16bit"
+ALL_ON = "fused_kernels,torch_compile,keep_16bit,optimizer=adamw_torch_fused"
 
 
 def parse_levers(text: str) -> dict:
