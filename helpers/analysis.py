@@ -135,7 +135,7 @@ def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
                    if c in _config_keys(records) or c in ("status", "synthetic", "config")]
     if not history.empty:
         history = history.merge(summary[["run_id", *config_cols]], on="run_id", how="left")
-        for col in ("step", "loss", "step_time_s"):
+        for col in ("step", "loss", "step_time_s", "eval_ppl"):
             if col in history.columns:
                 history[col] = pd.to_numeric(history[col], errors="coerce")
     return summary, history
@@ -508,6 +508,46 @@ def loss_curves(history: pd.DataFrame):
         a2, b2, _ = drops[least]
         line += f"; least for {least}: {a2:.3f} → {b2:.3f}"
     return fig, line + " (mean of the first and last logged steps; finished runs)." + note
+
+
+SETTLED_SHARE, SETTLED_CHANGE = 0.25, 0.01  # settled: held-out ppl moved < 1% over the last quarter of training
+
+
+def held_out_curves(history: pd.DataFrame):
+    """Held-out perplexity during training (runs with eval_every), mean over seeds per configuration, and whether
+    it has settled: the relative change of that mean over the last quarter of the steps, against a 1% bound."""
+    if history.empty or "eval_ppl" not in history.columns or history["eval_ppl"].isna().all():
+        return None, "No held-out curves: no run scored the eval blocks during training (eval_every 0)."
+    h = history[history["eval_ppl"].notna()]
+    if "synthetic" in h.columns:
+        h = h[~h["synthetic"].astype(bool)]
+    if "status" in h.columns:
+        h = h[h["status"] == "ok"]
+    if h.empty:
+        return None, "No held-out curves: the runs that have them are synthetic or did not finish."
+    mean = h.groupby(["config", "step"], sort=False)["eval_ppl"].mean().reset_index()
+    fig = go.Figure()
+    verdicts = {}
+    for config, g in mean.groupby("config", sort=False):
+        g = g.sort_values("step")
+        fig.add_trace(go.Scatter(x=g["step"], y=g["eval_ppl"], mode="lines+markers", name=str(config),
+                                 hovertemplate="step %{x}<br>held-out ppl %{y:.3f}"))
+        last = g["step"].max()
+        start = g[g["step"] <= last * (1 - SETTLED_SHARE)]
+        if not start.empty:
+            a, b = start["eval_ppl"].iloc[-1], g["eval_ppl"].iloc[-1]
+            verdicts[config] = (b / a - 1, int(start["step"].iloc[-1]), int(last))
+    fig.update_layout(title="Held-out perplexity during training (mean over seeds)", xaxis_title="step",
+                      yaxis_title="held-out perplexity", height=480)
+    if not verdicts:
+        return fig, "Too few points per run to judge settling (score at least twice, eval_every < max_steps)."
+    moving = {c: v for c, v in verdicts.items() if abs(v[0]) >= SETTLED_CHANGE}
+    worst = max(verdicts, key=lambda c: abs(verdicts[c][0]))
+    w = verdicts[worst]
+    line = (f"{len(verdicts) - len(moving)} of {len(verdicts)} configurations settled (held-out perplexity moved < "
+            f"{100 * SETTLED_CHANGE:.0f}% over the last {100 * SETTLED_SHARE:.0f}% of steps); the most moving: {worst}, "
+            f"{100 * w[0]:+.2f}% from step {w[1]} to {w[2]}")
+    return fig, line + "."
 
 
 def _pareto_front(x: pd.Series, y: pd.Series) -> list:

@@ -17,6 +17,7 @@ from .train import BNB_OPTIMIZERS, OPTIMIZERS
 SIDECAR_VERSION = 1
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")
+OFF_NOT_IN_ID = (*LEVERS, "eval_every")  # added after the first runs were recorded: in the id only when on
 
 
 def resolve_device(device: str) -> str:
@@ -62,6 +63,9 @@ def validate(config: dict, here: bool = True) -> None:
     _need(c["vram_budget_gib"] >= 0, "vram_budget_gib", c["vram_budget_gib"], "GiB >= 0 (0 = whole card)")
     _need(0 < c["eval_fraction"] < 1, "eval_fraction", c["eval_fraction"], "a fraction in (0, 1)")
     _need(c["eval_blocks"] >= 0, "eval_blocks", c["eval_blocks"], "a whole number >= 0 (0 = all)")
+    every = c.get("eval_every", 0)
+    _need(isinstance(every, int) and not isinstance(every, bool) and 0 <= every <= c["max_steps"], "eval_every",
+          every, f"a whole number of steps in 0 .. max_steps ({c['max_steps']}); 0 = only before and after training")
     _need(c["device"] in ("auto", "cpu") or str(c["device"]).startswith("cuda"), "device", c["device"],
           "auto, cpu, cuda or cuda:N")
     seq = c["seq_len"]
@@ -82,8 +86,8 @@ def validate(config: dict, here: bool = True) -> None:
 
 def run_id(config: dict) -> str:
     """Readable and derived from the parameters: the same config always gets the same id."""
-    # a lever left off is not in the id, so runs from before the levers existed keep their ids
-    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in LEVERS and not v)}
+    # a parameter added later is not in the id while it is off, so runs recorded before it existed keep their ids
+    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in OFF_NOT_IN_ID and not v)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(str(config["model"])).name.replace("/", "_")
     return f"{name}-{config['quant']}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"

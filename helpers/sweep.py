@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     except (SweepError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. --dry-run | head: the reader left; not an error of the sweep
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 

@@ -207,6 +207,7 @@ class StepTelemetry(TrainerCallback):
         self._t0 = self._train_t0 = None
         self._last_power = None
         self.sampled_energy_j = 0.0  # fallback: power sampled at step ends x step time
+        self.excluded_s, self.excluded_j = 0.0, 0.0  # work inside the window that is not training (evaluations)
 
     def on_train_begin(self, args, state, control, **kw):
         sync(self.device)
@@ -240,10 +241,15 @@ class StepTelemetry(TrainerCallback):
             self.history[-1]["loss"] = logs.get("loss")
             self.history[-1]["learning_rate"] = logs.get("learning_rate")
 
+    def exclude(self, seconds: float, energy_j: float | None) -> None:
+        """Leave out of the training window's time and energy something that ran inside it (an evaluation)."""
+        self.excluded_s += seconds
+        self.excluded_j += energy_j or 0.0
+
     def on_train_end(self, args, state, control, **kw):
         sync(self.device)
         self.energy_end_j = self.nvml.energy_j() if self.nvml.handle else None
-        self.window_s = time.perf_counter() - self._train_t0
+        self.window_s = time.perf_counter() - self._train_t0 - self.excluded_s
 
     def summary(self, warmup_steps: int) -> dict:
         """Steady-state throughput (after warm-up steps) and energy over the training window."""
@@ -261,7 +267,8 @@ class StepTelemetry(TrainerCallback):
             "energy_window_s": self.window_s,
         }
         if self.energy_start_j is not None and self.energy_end_j is not None:
-            out["energy_j"], out["energy_source"] = self.energy_end_j - self.energy_start_j, "nvml_counter"
+            out["energy_j"] = self.energy_end_j - self.energy_start_j - self.excluded_j
+            out["energy_source"] = "nvml_counter"
         elif any(r["power_w"] is not None for r in self.history):
             out["energy_j"], out["energy_source"] = self.sampled_energy_j, "nvml_power_sampled"
         e = out["energy_j"]

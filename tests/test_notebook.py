@@ -18,7 +18,7 @@ def test_notebook_runs_default_model_and_writes_sidecar(tmp_path):
     [sidecar] = list(out.glob("*.json"))
     r = json.loads(sidecar.read_text())
     assert r["status"] == "ok" and r["error"] is None
-    assert r["config"]["quant"] == "nf4" and r["config"]["lora_r"] == 8 and len(r["config"]) == 30
+    assert r["config"]["quant"] == "nf4" and r["config"]["lora_r"] == 8 and len(r["config"]) == 31
     m = r["metrics"]
     for k in ("ppl_before", "ppl_after", "tokens_per_s", "peak_rss_gib", "weights_gib", "load_s", "train_s"):
         assert m[k] is not None and math.isfinite(m[k]) and m[k] > 0, k
@@ -39,14 +39,17 @@ def test_notebook_refuses_bad_value_before_loading(tmp_path):
 
 
 @pytest.mark.slow
-def test_notebook_runs_with_the_cpu_levers_on(tmp_path):
+def test_notebook_runs_with_the_cpu_levers_on_and_a_held_out_curve(tmp_path):
     out = tmp_path / "runs"
     on = dict(chunked_loss=4, offload_activations=True, keep_16bit=True)
     nb = tmp_path / "levers.ipynb"
-    papermill.execute_notebook(str(TRAIN_NOTEBOOK), str(nb), parameters=dict(FAST, quant="nf4", output_dir=str(out), **on),
-                               progress_bar=False)
+    papermill.execute_notebook(str(TRAIN_NOTEBOOK), str(nb), progress_bar=False,
+                               parameters=dict(FAST, quant="nf4", output_dir=str(out), eval_every=2, **on))
     [sidecar] = list(out.glob("*.json"))
     r = json.loads(sidecar.read_text())
     assert r["status"] == "ok" and all(r["config"][k] == v for k, v in on.items())
     assert all(math.isfinite(h["loss"]) for h in r["history"])
+    # the held-out curve: steps 2 and 3 (the last); the last point is the model ppl_after scores
+    assert [h["step"] for h in r["history"] if h.get("eval_ppl")] == [2, 3]
+    assert math.isclose(r["history"][-1]["eval_ppl"], r["metrics"]["ppl_after"], rel_tol=1e-6)
     assert "levers: {'offload_activations': True, 'keep_16bit': True, 'chunked_loss': 4}" in nb.read_text()

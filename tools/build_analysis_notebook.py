@@ -58,6 +58,11 @@ analysis.show(*analysis.perplexity_vs_rank(summary))
     code('''
 analysis.show(*analysis.loss_curves(history))
 '''),
+    md("## Held-out perplexity during training\nRuns with `eval_every` score the eval blocks during training: "
+       "the curve shows whether held-out perplexity has settled by the last step."),
+    code('''
+analysis.show(*analysis.held_out_curves(history))
+'''),
     md("## Cost against quality\nPerplexity after training against training time, and against energy where it was measured; the dashed line is the Pareto front."),
     code('''
 analysis.show(*analysis.cost_quality(summary))

@@ -53,6 +53,7 @@ corpus: str = "pydoc"          # pydoc (ships with Python) | a local .txt / .jso
 seq_len: int = 256             # tokens per block; activation memory grows with it
 eval_fraction: float = 0.1     # share of *documents* held out for perplexity (split by document, fixed seed)
 eval_blocks: int = 16          # eval blocks scored before and after training (0: all); bounds eval time on a CPU
+eval_every: int = 0            # also score them every N optimizer steps (0: only before and after): a held-out curve
 # --- LoRA ---------------------------------------------------------------------------------------
 lora_r: int = 8                # adapter rank; higher: more trainable params and memory
 lora_alpha: float = 16         # adapter output is scaled by lora_alpha / lora_r
@@ -144,9 +145,13 @@ print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metric
        "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
 steps = telemetry.StepTelemetry(run["device"], tokens_per_step=batch_size * grad_accum * (seq_len - 1))
+callbacks = [steps]
+if eval_every:  # held-out perplexity during training; its time and energy are left out of the training figures
+    from helpers.evaluate import held_out_curve
+    callbacks.append(held_out_curve(net, eval_blocks_t, eval_every, steps, batch_size=batch_size * 2))
 trainer = make_trainer(net, train_blocks, device=run["device"], dtype=info["dtype_resolved"], quant=quant, max_steps=max_steps,
                        batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
-                       warmup_steps=warmup_steps, optimizer=optimizer, seed=seed, callbacks=[steps], levers=lever_cfg)
+                       warmup_steps=warmup_steps, optimizer=optimizer, seed=seed, callbacks=callbacks, levers=lever_cfg)
 with runs.guard(run, steps), telemetry.phase("train", run["metrics"], run["device"]):
     trainer.train()
 run["history"] = steps.history
