@@ -15,6 +15,7 @@ import argparse
 import ast
 import concurrent.futures
 import itertools
+import multiprocessing
 import os
 import sys
 import time
@@ -189,13 +190,36 @@ def _side_by_side_worker(jobs: int) -> None:
     os.environ[SIDE_BY_SIDE_ENV] = str(jobs)  # the kernels papermill starts inherit it
 
 
+def _label(c: dict, show: list) -> str:
+    return " ".join(f"{k}={c[k]}" for k in show)
+
+
+def _run_one_at_a_time(sweep, configs, todo, states, show, out, t0) -> None:
+    """Run `todo` in order, one fresh kernel at a time; print each start (with time left) and outcome."""
+    done = 0
+    for i, c in enumerate(configs, 1):
+        if c not in todo:
+            print(f"[{i}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]}) {_label(c, show)}", file=out,
+                  flush=True)
+            continue
+        redo = f" (redo: was {states[c['run_id']]})" if states[c["run_id"]] not in ("missing",) else ""
+        elapsed = time.perf_counter() - t0
+        eta = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done else ""
+        print(f"[{i}/{len(configs)}] run {c['run_id']}{redo} {_label(c, show)} (elapsed {_fmt(elapsed)}{eta})",
+              file=out, flush=True)
+        t = time.perf_counter()
+        states[c["run_id"]] = execute(sweep, c)
+        done += 1
+        print(f"    -> {states[c['run_id']]} in {_fmt(time.perf_counter() - t)}", file=out, flush=True)
+
+
 def _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0) -> None:
-    """Run `todo` in `jobs` worker processes; print each start and finish with i/N and time left."""
+    """Run `todo` in `jobs` worker processes; print each outcome as it comes, with i/N and time left."""
     index = {c["run_id"]: i for i, c in enumerate(configs, 1)}
     for c in configs:
         if c not in todo:
             print(f"[{index[c['run_id']]}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]})", file=out, flush=True)
-    ctx = __import__("multiprocessing").get_context("spawn")  # no inherited threads or CUDA state
+    ctx = multiprocessing.get_context("spawn")  # no inherited threads or CUDA state
     with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_side_by_side_worker,
                                                 initargs=(jobs,)) as pool:
         futures = {pool.submit(execute, sweep, c): c for c in todo}
@@ -209,8 +233,7 @@ def _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0) -> None
             done += 1
             elapsed = time.perf_counter() - t0
             left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
-            label = " ".join(f"{k}={c[k]}" for k in show)
-            print(f"[{index[c['run_id']]}/{len(configs)}] {states[c['run_id']]} {c['run_id']} {label} "
+            print(f"[{index[c['run_id']]}/{len(configs)}] {states[c['run_id']]} {c['run_id']} {_label(c, show)} "
                   f"({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
 
 
@@ -241,8 +264,7 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
     if dry_run:
         for i, c in enumerate(configs, 1):
             what = "run" if c in todo else f"skip ({states[c['run_id']]})"
-            print(f"  [{i}/{len(configs)}] {what:10} {c['run_id']}  " + " ".join(f"{k}={c[k]}" for k in show),
-                  file=out)
+            print(f"  [{i}/{len(configs)}] {what:10} {c['run_id']}  {_label(c, show)}", file=out)
         return states
     sweep["folder"].mkdir(parents=True, exist_ok=True)
     lock = FileLock(sweep["folder"] / ".lock")
@@ -252,25 +274,13 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
         raise SweepError(f"another sweep is already running on {sweep['folder']} (lock {lock.lock_file}); "
                          "wait for it to finish or stop it first") from None
     try:
-        t0, done = time.perf_counter(), 0
+        t0 = time.perf_counter()
         if jobs > 1:
             print(f"{jobs} runs side by side: perplexity is valid, time/throughput/energy/device memory are shared "
                   f"figures, not one run's", file=out, flush=True)
             _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0)
-        for i, c in enumerate(configs if jobs == 1 else [], 1):
-            label = " ".join(f"{k}={c[k]}" for k in show)
-            if c not in todo:
-                print(f"[{i}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]}) {label}", file=out, flush=True)
-                continue
-            redo = f" (redo: was {states[c['run_id']]})" if states[c["run_id"]] not in ("missing",) else ""
-            elapsed = time.perf_counter() - t0
-            eta = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done else ""
-            print(f"[{i}/{len(configs)}] run {c['run_id']}{redo} {label} (elapsed {_fmt(elapsed)}{eta})",
-                  file=out, flush=True)
-            t = time.perf_counter()
-            states[c["run_id"]] = execute(sweep, c)
-            done += 1
-            print(f"    -> {states[c['run_id']]} in {_fmt(time.perf_counter() - t)}", file=out, flush=True)
+        else:
+            _run_one_at_a_time(sweep, configs, todo, states, show, out, t0)
         from .runs import write_summary
 
         summary = write_summary(sweep["folder"])
