@@ -1,6 +1,5 @@
 """Token-weighted perplexity: exp(sum of token NLL / number of tokens), not a mean of batch losses."""
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +34,12 @@ def held_out_curve(model, blocks: torch.Tensor, every: int, steps, batch_size: i
     training figures, so throughput and energy per token stay those of training alone."""
     from transformers import TrainerCallback
 
-    from .telemetry import sync
-
     class HeldOutCurve(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             if state.global_step % every and state.global_step != state.max_steps:
                 return
-            device = steps.device
-            sync(device)
-            e0, t0 = steps.nvml.energy_j() if steps.nvml.handle else None, time.perf_counter()
-            result = perplexity(model, blocks, batch_size=batch_size)
-            sync(device)
-            e1 = steps.nvml.energy_j() if steps.nvml.handle else None
-            steps.exclude(time.perf_counter() - t0, e1 - e0 if e0 is not None and e1 is not None else None)
+            with steps.outside_training():
+                result = perplexity(model, blocks, batch_size=batch_size)
             steps.history[-1]["eval_ppl"] = result["ppl"]
 
     return HeldOutCurve()

@@ -71,12 +71,16 @@ class Nvml:
 
     def energy_j(self) -> float | None:
         """Total energy counter since driver load (J); None where the GPU has none."""
+        if self.handle is None:
+            return None
         try:
             return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
         except Exception:
             return None
 
     def power_w(self) -> float | None:
+        if self.handle is None:
+            return None
         try:
             return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
         except Exception:
@@ -211,7 +215,7 @@ class StepTelemetry(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         sync(self.device)
-        self.energy_start_j = self.nvml.energy_j() if self.nvml.handle else None
+        self.energy_start_j = self.nvml.energy_j()
         self._train_t0 = time.perf_counter()
 
     def on_step_begin(self, args, state, control, **kw):
@@ -221,7 +225,7 @@ class StepTelemetry(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         sync(self.device)
         dt = time.perf_counter() - self._t0
-        power = self.nvml.power_w() if self.nvml.handle else None
+        power = self.nvml.power_w()
         if power is not None:
             self.sampled_energy_j += power * dt
         row = {
@@ -246,9 +250,19 @@ class StepTelemetry(TrainerCallback):
         self.excluded_s += seconds
         self.excluded_j += energy_j or 0.0
 
+    @contextmanager
+    def outside_training(self):
+        """Measure the work in this block (device-synchronised time, NVML energy) and exclude it."""
+        sync(self.device)
+        e0, t0 = self.nvml.energy_j(), time.perf_counter()
+        yield
+        sync(self.device)
+        e1 = self.nvml.energy_j()
+        self.exclude(time.perf_counter() - t0, e1 - e0 if e0 is not None and e1 is not None else None)
+
     def on_train_end(self, args, state, control, **kw):
         sync(self.device)
-        self.energy_end_j = self.nvml.energy_j() if self.nvml.handle else None
+        self.energy_end_j = self.nvml.energy_j()
         self.window_s = time.perf_counter() - self._train_t0 - self.excluded_s
 
     def summary(self, warmup_steps: int) -> dict:
