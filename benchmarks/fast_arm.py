@@ -28,14 +28,16 @@ from helpers import levers, runs, sweep  # noqa: E402
 ALL_ON = "fused_kernels,torch_compile,keep_16bit,optimizer=adamw_torch_fused"
 
 
+EXTRA = ("batch_size", "grad_accum", "gradient_checkpointing", "optimizer")  # notebook knobs usable as levers
+
+
 def parse_levers(text: str) -> dict:
     """'fused_kernels,chunked_loss=8' -> {'fused_kernels': True, 'chunked_loss': 8}; names are checked."""
     out = {}
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, value = item.partition("=")
-        extra = {"gradient_checkpointing", "optimizer", "batch_size", "grad_accum"}
-        if name not in levers.LEVERS and name not in extra:
-            raise SystemExit(f"--levers: unknown lever {name!r}; allowed: {list(levers.LEVERS) + sorted(extra)}")
+        if name not in levers.LEVERS and name not in EXTRA:
+            raise SystemExit(f"--levers: unknown lever {name!r}; allowed: {list(levers.LEVERS) + list(EXTRA)}")
         if name == "chunked_loss" or name in ("batch_size", "grad_accum"):
             out[name] = int(value or 8)
         elif name == "optimizer":

@@ -98,10 +98,14 @@ def chunked_nll(model, input_ids, labels, attention_mask=None, chunks: int = 8) 
     return total, (target != IGNORE_INDEX).sum()
 
 
-def chunked_causal_lm_loss(model, input_ids, labels, attention_mask=None, chunks: int = 8) -> torch.Tensor:
-    """Mean next-token NLL over label tokens: the value of transformers' own loss."""
+def chunked_causal_lm_loss(model, input_ids, labels, attention_mask=None, chunks: int = 8,
+                           num_items=None) -> torch.Tensor:
+    """Mean next-token NLL over label tokens: the value of transformers' own loss. num_items: divide by it
+    instead, as transformers does when the Trainer counted the label tokens of a whole optimizer step
+    (gradient accumulation)."""
     total, n = chunked_nll(model, input_ids, labels, attention_mask, chunks)
-    return total / n.clamp(min=1)
+    denom = n.clamp(min=1) if num_items is None else num_items
+    return total / (denom.to(total.device) if torch.is_tensor(denom) else denom)
 
 
 def offload_context(cfg: dict, on_gpu: bool):
@@ -111,12 +115,12 @@ def offload_context(cfg: dict, on_gpu: bool):
     return contextlib.nullcontext()
 
 
-def training_loss(model, batch: dict, cfg: dict, on_gpu: bool) -> torch.Tensor:
+def training_loss(model, batch: dict, cfg: dict, on_gpu: bool, num_items=None) -> torch.Tensor:
     """The loss of one micro-batch with the run's levers (the forward pass only; backward is the caller's)."""
     with offload_context(cfg, on_gpu):
         if cfg.get("chunked_loss"):
             return chunked_causal_lm_loss(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
-                                          chunks=cfg["chunked_loss"])
+                                          chunks=cfg["chunked_loss"], num_items=num_items)
         return model(**batch).loss
 
 
@@ -131,15 +135,10 @@ def lever_trainer_class():
             self.levers, self.on_gpu = levers, on_gpu
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.levers.get("chunked_loss"):
+                loss = training_loss(model, inputs, self.levers, self.on_gpu, num_items=num_items_in_batch)
+                return (loss, None) if return_outputs else loss
             with offload_context(self.levers, self.on_gpu):
-                if not self.levers.get("chunked_loss"):
-                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-                total, n = chunked_nll(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                                       chunks=self.levers["chunked_loss"])
-            # as transformers does for a model that takes loss kwargs: divide by the label tokens of the whole
-            # optimizer step when the Trainer counted them (gradient accumulation), else by this micro-batch's
-            denom = num_items_in_batch if num_items_in_batch is not None else n.clamp(min=1)
-            loss = total / (denom.to(total.device) if torch.is_tensor(denom) else denom)
-            return (loss, None) if return_outputs else loss
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return LeverTrainer
