@@ -108,6 +108,7 @@ def environment(device: str) -> dict:
     env["device"] = device
     # runs sharing the device (helpers.sweep --jobs): 1 means this run had it alone
     env["side_by_side"] = int(os.environ.get("QLORA_STUDY_SIDE_BY_SIDE", "1"))
+    env["cpu_threads"] = torch.get_num_threads()  # torch's intra-op threads (sweep --jobs N shares the cores)
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name()
         env["device_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30

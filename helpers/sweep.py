@@ -9,7 +9,8 @@ of status ok or oom is finished and skipped on a re-run; anything else is redone
 --jobs N runs N configurations side by side (one kernel each) on the same device. That is for quality
 sweeps of small models: perplexity stays valid, but time, throughput, energy and device memory are then
 shared by N processes and are not figures of one run. Every sidecar records side_by_side (its N), and the
-analysis says so beside every cost chart of such a sweep.
+analysis says so beside every cost chart of such a sweep. Each kernel gets cores // N CPU threads
+(OMP_NUM_THREADS, unless already set), recorded as cpu_threads.
 """
 import argparse
 import ast
@@ -188,6 +189,9 @@ def _fmt(seconds: float) -> str:
 
 def _side_by_side_worker(jobs: int) -> None:
     os.environ[SIDE_BY_SIDE_ENV] = str(jobs)  # the kernels papermill starts inherit it
+    # Each kernel would otherwise start one CPU thread per core: N kernels x all cores threads on one machine.
+    # Share the cores out as torchrun does for several processes a node (a value the user set is kept).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
 
 
 def _label(c: dict, show: list) -> str:

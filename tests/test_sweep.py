@@ -174,6 +174,9 @@ def test_side_by_side_sweep_runs_every_config_records_the_sharing_and_the_analys
     assert len(records) == 4
     ok = [r for r in records if r["status"] == "ok"]
     assert [r["environment"]["side_by_side"] for r in ok] == [2, 2]
+    # the two kernels share the cores instead of each starting one thread per core
+    threads = int(os.environ.get("OMP_NUM_THREADS", max(1, os.cpu_count() // 2)))
+    assert [r["environment"]["cpu_threads"] for r in ok] == [threads] * 2
     summary, _ = analysis.load_sweep(tmp_path / "r" / "pair")
     _, line = analysis.throughput(summary)
     assert "2 side by side" in line and "shared figures" in line
