@@ -249,6 +249,43 @@ def overview(summary: pd.DataFrame) -> str:
     return f"{len(summary)} runs: {parts}; on {where}{nb}."
 
 
+def plan_status(sweep_dir, summary: pd.DataFrame, sweep_file=None) -> str:
+    """Against the sweep file that fills this folder (default parameters/<folder name>.yaml): how many planned
+    runs have a result, which are missing (and how to resume), and which runs here it no longer plans.
+    '' when there is no such file, or it names another folder."""
+    from collections import Counter
+
+    from .sweep import FINISHED, SweepError, expand, load_sweep, varying
+
+    folder = Path(sweep_dir)
+    path = Path(sweep_file) if sweep_file else PROJECT_ROOT / "parameters" / f"{folder.name}.yaml"
+    if not path.is_file():
+        return ""
+    shown = path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
+    try:
+        sweep = load_sweep(path, folder.parent)
+    except SweepError as e:
+        return f" Its sweep file cannot be read: {e}."
+    if sweep["folder"].resolve() != folder.resolve():
+        return ""
+    configs = expand(sweep)
+    here = set(summary["run_id"]) if not summary.empty else set()
+    done = set(summary.loc[summary["status"].isin(FINISHED), "run_id"]) if not summary.empty else set()
+    missing = [c for c in configs if c["run_id"] not in done]
+    if missing:
+        key = next((k for k in varying(configs) if k != "seed"), None)
+        groups = Counter(f"{key}={c[key]}" for c in missing) if key else {}
+        which = ", ".join(f"{g} ({n})" for g, n in groups.items())
+        line = (f" **{len(configs) - len(missing)} of the {len(configs)} runs that `{shown}` plans have a result**; "
+                f"still to run: {which or len(missing)} (resume: `python -m helpers.sweep {shown}`)")
+    else:
+        line = f" All {len(configs)} runs that `{shown}` plans have a result"
+    extra = here - {c["run_id"] for c in configs}
+    if extra:
+        line += f"; {len(extra)} run(s) here are not in it as it stands (an earlier recipe)"
+    return line + "."
+
+
 def run_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Every run with its outcome (the charts hold the figures); failed and corrupt runs included and marked."""
     cols = ["config", "vram_budget_gib", "seed", "status", "notebook", "tokens_per_s", "ppl_after", "error", "run_id"]

@@ -314,3 +314,31 @@ def test_report_renderer_adds_no_script_from_anywhere():
     html = bundle["text/html"]
     assert "Plotly.newPlot" in html and "<script src" not in html and "mathjax" not in html.lower()
     assert len(html) < 20_000  # no plotly.js per figure
+
+
+def test_plan_status_counts_the_planned_runs_with_a_result_and_names_what_is_missing(tmp_path):
+    import pandas as pd
+    import yaml
+
+    from helpers.sweep import expand, load_sweep
+
+    spec = {"name": "plan", "base": {"model": "smollm2-135m", "max_steps": 4},
+            "grid": {"quant": ["none", "nf4"], "lora_r": [4, 8]}, "repeats": 2}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "reports" / "plan"
+    ids = {(c["quant"], c["lora_r"], c["seed"]): c["run_id"] for c in expand(load_sweep(path, folder.parent))}
+    assert len(ids) == 8
+    # every none run finished, one nf4 run failed, the other nf4 runs never ran; one run is from an older recipe
+    rows = [{"run_id": rid, "status": "ok"} for (q, _, _), rid in ids.items() if q == "none"]
+    rows += [{"run_id": ids[("nf4", 4, 0)], "status": "error"}, {"run_id": "old-recipe-run", "status": "ok"}]
+    line = analysis.plan_status(folder, pd.DataFrame(rows), sweep_file=path)
+    assert f"4 of the 8 runs that `{path}` plans have a result" in line
+    assert "still to run: quant=nf4 (4)" in line and f"python -m helpers.sweep {path}" in line
+    assert "1 run(s) here are not in it" in line
+    rows = [{"run_id": rid, "status": "ok" if q == "none" else "oom"} for (q, _, _), rid in ids.items()]
+    assert analysis.plan_status(folder, pd.DataFrame(rows), sweep_file=path) == f" All 8 runs that `{path}` plans have a result."
+    # no sweep file of that name, or one that fills another folder: nothing to say
+    assert analysis.plan_status(folder, pd.DataFrame(rows), sweep_file=tmp_path / "absent.yaml") == ""
+    assert analysis.plan_status(tmp_path / "reports" / "other", pd.DataFrame(rows), sweep_file=path) == ""
+    assert analysis.plan_status(tmp_path / "nowhere", pd.DataFrame(rows)) == ""

@@ -33,7 +33,7 @@ import helpers.analysis as analysis
 analysis.use_report_renderer()  # figures as Plotly MIME (JupyterLab) + offline HTML (the exported report)
 sweep = analysis.resolve_sweep_dir(sweep_dir)
 summary, history = analysis.load_sweep(sweep)
-Markdown(f"`{sweep_dir}`: {analysis.overview(summary)}")
+Markdown(f"`{sweep_dir}`: {analysis.overview(summary)}{analysis.plan_status(sweep, summary)}")
 '''),
     code('''
 analysis.run_table(summary)
