@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .runs import write_summary
+from .runs import publish, write_summary
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ANALYSIS_NOTEBOOK = PROJECT_ROOT / "notebooks" / "02_analysis.ipynb"
@@ -32,20 +32,12 @@ OFFLINE_TEMPLATE = r"""
 """
 
 
-def _publish(tmp, path: Path) -> None:
-    """Rename a finished temp file into place, readable like any file the user writes (mkstemp makes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -89,12 +81,12 @@ def build_report(sweep_dir) -> Path:
         papermill.execute_notebook(str(ANALYSIS_NOTEBOOK), tmp, parameters={"sweep_dir": str(shown), "explore": False},
                                    cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
     except papermill.PapermillExecutionError:
-        _publish(tmp, folder / "analysis.failed.ipynb")
+        publish(tmp, folder / "analysis.failed.ipynb")
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _publish(tmp, folder / "analysis.ipynb")
+    publish(tmp, folder / "analysis.ipynb")
     return export_html(folder / "analysis.ipynb", folder / "analysis.html", title=f"{folder.name}: sweep analysis")
 
 

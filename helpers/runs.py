@@ -129,6 +129,14 @@ def _clean(x):
     return x
 
 
+def publish(tmp, path: Path) -> None:
+    """Rename a finished temp file into place, readable like any file the user writes (mkstemp makes 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_sidecar(path, record: dict) -> Path:
     """Write JSON atomically: temp file in the same folder, fsync, rename. A crash leaves no partial file."""
     path = Path(path)
@@ -140,7 +148,7 @@ def write_sidecar(path, record: dict) -> Path:
             json.dump(record, f, indent=1, allow_nan=False)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

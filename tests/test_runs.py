@@ -77,6 +77,9 @@ def test_sidecar_write_is_atomic(tmp_path, monkeypatch):
     runs.write_sidecar(path, {"status": "ok", "config": {"a": 1}, "metrics": {"x": float("nan")}})
     first = runs.read_sidecar(path)
     assert first["status"] == "ok" and first["metrics"]["x"] is None  # NaN written as null
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes, not mkstemp's 0600
 
     real_dump = json.dump
 
