@@ -678,6 +678,87 @@ def energy_per_token(summary: pd.DataFrame):
     return fig, line + "." + side_by_side_note(rows)
 
 
+# --- speed and memory levers (parameters/levers.yaml, benchmarks/fast_arm.py) --------------------------------
+
+LEVER_KEYS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "optimizer",
+              "gradient_checkpointing")  # helpers.levers.LEVERS and the two notebook knobs a lever sweep varies
+
+
+def _lever_label(row, plain: dict) -> str:
+    """'plain', or the settings that differ from the plain stack: 'fused_kernels + optimizer=adamw_torch_fused'."""
+    changed = []
+    for k in LEVER_KEYS:
+        v = row.get(k)
+        v = plain[k] if v is None or (isinstance(v, float) and math.isnan(v)) else v
+        v = int(v) if isinstance(v, float) and v.is_integer() else v  # a column with gaps reads 8 as 8.0
+        if v != plain[k]:
+            changed.append(k if v is True else f"{k}={v}")
+    return " + ".join(changed) or "plain"
+
+
+def lever_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per finished run that differs from the plain stack only by levers, against the plain run of the
+    same configuration (same quant, shape, batch, rank, budget): tokens/s, peak reserved memory and energy per
+    1k tokens, each with its ratio (memory: difference) to plain. Empty when no such pair exists."""
+    from .sweep import notebook_parameters
+
+    plain = {k: p["default"] for k, p in notebook_parameters().items() if k in LEVER_KEYS}
+    ok = _ok(summary).copy()
+    cols = ["quant", "levers", "tokens_per_s", "speed_x", "peak_reserved_gib", "reserved_vs_plain_gib",
+            "energy_j_per_1k_tokens", "energy_x"]
+    if ok.empty:
+        return pd.DataFrame(columns=cols)
+    ok["levers"] = [_lever_label(r, plain) for r in ok.to_dict("records")]
+    context = config_labels(ok, exclude=LEVER_KEYS).values
+    ok["context"] = context
+    base = ok[ok["levers"] == "plain"].groupby("context")[
+        ["tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens"]].median()
+    rows = ok[ok["context"].isin(base.index)]
+    if rows["levers"].eq("plain").all():
+        return pd.DataFrame(columns=cols)
+    out = rows[["quant", "levers", "context", "tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens"]].copy()
+    ref = base.reindex(out["context"]).set_index(out.index)
+    out["speed_x"] = out["tokens_per_s"] / ref["tokens_per_s"]
+    out["reserved_vs_plain_gib"] = out["peak_reserved_gib"] - ref["peak_reserved_gib"]
+    out["energy_x"] = out["energy_j_per_1k_tokens"] / ref["energy_j_per_1k_tokens"]
+    out = out.sort_values(["context", "speed_x"], key=lambda c: c if c.name == "speed_x" else c.map(str))
+    return out.set_index("context")[cols]
+
+
+def lever_effects(summary: pd.DataFrame):
+    """Each lever's (and each combination's) speed against the plain stack of the same configuration."""
+    table = lever_table(summary)
+    if table.empty:
+        return None, ("No lever comparison: no finished run here differs from a finished plain-stack run of the "
+                      "same configuration by its levers alone (parameters/levers.yaml has such pairs).")
+    runs_ = table[table["levers"] != "plain"]
+    fig = go.Figure()
+    for quant in list(dict.fromkeys(runs_["quant"])):
+        r = runs_[runs_["quant"] == quant]
+        fig.add_trace(go.Bar(
+            name=str(quant), x=r["levers"], y=r["speed_x"],
+            customdata=r[["tokens_per_s", "reserved_vs_plain_gib", "energy_x"]].values,
+            hovertemplate="%{x}<br>%{y:.2f}x plain tokens/s (%{customdata[0]:.0f})<br>"
+                          "peak reserved %{customdata[1]:+.2f} GiB vs plain<br>energy %{customdata[2]:.2f}x plain"
+                          "<extra>" + str(quant) + "</extra>"))
+    fig.add_hline(y=1.0, line_dash="dash", line_color="gray")
+    fig.update_layout(title="Tokens/s against the plain stack of the same configuration", barmode="group",
+                      xaxis_title="levers on", yaxis_title="speed_x (tokens/s over plain)", height=460)
+    best = runs_.iloc[runs_["speed_x"].to_numpy().argmax()]  # the index (configuration) repeats: by position
+    line = f"fastest: {best['quant']} · {best['levers']} at {best['speed_x']:.2f}x the plain stack's tokens/s"
+    mem = runs_.iloc[runs_["reserved_vs_plain_gib"].to_numpy().argmin()]
+    if mem["reserved_vs_plain_gib"] < 0:
+        line += (f"; most memory saved: {mem['quant']} · {mem['levers']}, {-mem['reserved_vs_plain_gib']:.2f} GiB "
+                 f"less peak reserved")
+    slower = runs_[runs_["speed_x"] < 1]
+    if len(slower):
+        line += "; slower than plain: " + ", ".join(f"{q} · {l} ({x:.2f}x)" for q, l, x in
+                                                   slower[["quant", "levers", "speed_x"]].values)
+    line += ". One run per arm: differences inside run-to-run noise (see the sweep) are not resolved; " \
+            "benchmarks/fast_arm.py measures plain vs optimised in interleaved pairs"
+    return fig, line + "." + side_by_side_note(_ok(summary))
+
+
 CHARTS = (feasibility_matrix, peak_memory, throughput, perplexity_vs_rank, cost_quality, energy_per_token)
 
 

@@ -342,3 +342,48 @@ def test_plan_status_counts_the_planned_runs_with_a_result_and_names_what_is_mis
     assert analysis.plan_status(folder, pd.DataFrame(rows), sweep_file=tmp_path / "absent.yaml") == ""
     assert analysis.plan_status(tmp_path / "reports" / "other", pd.DataFrame(rows), sweep_file=path) == ""
     assert analysis.plan_status(tmp_path / "nowhere", pd.DataFrame(rows)) == ""
+
+
+def test_lever_effects_compare_each_lever_with_the_plain_run_of_the_same_configuration(tmp_path):
+    folder = tmp_path / "levers"
+    arms = [  # (config, speed factor, reserved GiB added, energy factor)
+        ({"quant": "nf4"}, 1.0, 0.0, 1.0),
+        ({"quant": "nf4", "fused_kernels": True}, 1.5, -0.5, 0.7),
+        ({"quant": "nf4", "torch_compile": True, "optimizer": "adamw_torch_fused"}, 2.2, 0.0, 0.5),
+        ({"quant": "nf4", "offload_activations": True}, 0.8, -1.0, 1.2),
+        ({"quant": "none"}, 1.0, 0.0, 1.0),
+        ({"quant": "none", "gradient_checkpointing": False, "chunked_loss": 8}, 1.3, 2.0, 0.8),
+        ({"quant": "nf4", "lora_r": 32, "fused_kernels": True}, 9.0, 0.0, 1.0),  # no plain r32 run: not compared
+    ]
+    for cfg, speed, mem, energy in arms:
+        rec = fake_record(gpu=True, **cfg)
+        m = rec["metrics"]
+        m["tokens_per_s"] *= speed
+        m["peak_reserved_gib"] += mem
+        m["energy_j_per_1k_tokens"] *= energy
+        write_run(folder, rec)
+    summary, _ = analysis.load_sweep(folder)
+    table = analysis.lever_table(summary)
+    got = {(q, l): (round(x, 3), round(m, 3), round(e, 3)) for q, l, x, m, e in
+           table[["quant", "levers", "speed_x", "reserved_vs_plain_gib", "energy_x"]].values}
+    assert got == {
+        ("nf4", "plain"): (1.0, 0.0, 1.0), ("nf4", "fused_kernels"): (1.5, -0.5, 0.7),
+        ("nf4", "torch_compile + optimizer=adamw_torch_fused"): (2.2, 0.0, 0.5),
+        ("nf4", "offload_activations"): (0.8, -1.0, 1.2),
+        ("none", "plain"): (1.0, 0.0, 1.0), ("none", "chunked_loss=8 + gradient_checkpointing=False"): (1.3, 2.0, 0.8),
+    }
+    fig, line = analysis.lever_effects(summary)
+    assert fig is not None and len(fig.data) == 2  # one bar group per quant
+    assert "fastest: nf4 · torch_compile + optimizer=adamw_torch_fused at 2.20x" in line
+    assert "most memory saved: nf4 · offload_activations, 1.00 GiB" in line
+    assert "slower than plain: nf4 · offload_activations (0.80x)" in line
+
+
+def test_lever_effects_say_why_a_sweep_without_levers_has_no_comparison(tmp_path):
+    folder = tmp_path / "plain"
+    for q in ("none", "nf4"):
+        write_run(folder, fake_record(gpu=True, quant=q))
+    summary, _ = analysis.load_sweep(folder)
+    assert analysis.lever_table(summary).empty
+    fig, line = analysis.lever_effects(summary)
+    assert fig is None and "No lever comparison" in line
