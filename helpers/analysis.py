@@ -721,7 +721,8 @@ def lever_table(summary: pd.DataFrame) -> pd.DataFrame:
     out["speed_x"] = out["tokens_per_s"] / ref["tokens_per_s"]
     out["reserved_vs_plain_gib"] = out["peak_reserved_gib"] - ref["peak_reserved_gib"]
     out["energy_x"] = out["energy_j_per_1k_tokens"] / ref["energy_j_per_1k_tokens"]
-    out = out.sort_values(["context", "speed_x"], key=lambda c: c if c.name == "speed_x" else c.map(str))
+    out["is_plain"] = out["levers"] == "plain"  # plain first in each configuration, then fastest first
+    out = out.sort_values(["context", "is_plain", "speed_x"], ascending=[True, False, False])
     return out.set_index("context")[cols]
 
 
