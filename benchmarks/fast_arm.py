@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import levers, runs, sweep  # noqa: E402
+from helpers import levers, models, runs, sweep  # noqa: E402
 
 ALL_ON = "fused_kernels,torch_compile,keep_16bit,optimizer=adamw_torch_fused"
 
@@ -92,7 +92,8 @@ def main(argv=None):
     params = sweep.notebook_parameters()
     spec = {"notebook": sweep.TRAIN_NOTEBOOK, "params": params}
     defaults = {k: p["default"] for k, p in params.items()}
-    corpus = "random-tokens" if a.model.endswith("-shape") else defaults["corpus"]
+    synthetic = models.is_synthetic(a.model)
+    corpus = "random-tokens" if synthetic else defaults["corpus"]
     base = {**defaults, "model": a.model, "corpus": corpus, "seq_len": a.seq_len, "batch_size": a.batch_size,
             "lora_r": a.lora_r, "lora_alpha": 2 * a.lora_r, "lora_dropout": 0.0, "max_steps": a.steps,
             "timing_warmup_steps": a.warmup, "warmup_steps": 1, "eval_blocks": 2, "vram_budget_gib": a.budget,
@@ -149,7 +150,7 @@ def main(argv=None):
                       "loss_gap_max": max((x["loss_gap_max"] for x in pairs if x["loss_gap_max"] is not None),
                                           default=None)})
     record = {"what": "optimised / plain, interleaved pairs in one command", "model": a.model,
-              "synthetic": a.model.endswith("-shape"), "optimised": optimised, "config": vars(a),
+              "synthetic": synthetic, "optimised": optimised, "config": vars(a),
               "environment": results[0]["record"].get("environment"), "table": table,
               "runs": [{k: v for k, v in r.items() if k != "record"} for r in results],
               "wall_s": time.perf_counter() - t0}

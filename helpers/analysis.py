@@ -19,6 +19,7 @@ from plotly.io.base_renderers import MimetypeRenderer
 from plotly.subplots import make_subplots
 
 from . import runs
+from .levers import LEVERS
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 QUANT_ORDER = ("none", "int8", "nf4", "fp4")  # 16-bit base first, then by bits per weight
@@ -680,8 +681,7 @@ def energy_per_token(summary: pd.DataFrame):
 
 # --- speed and memory levers (parameters/levers.yaml, benchmarks/fast_arm.py) --------------------------------
 
-LEVER_KEYS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "optimizer",
-              "gradient_checkpointing")  # helpers.levers.LEVERS and the two notebook knobs a lever sweep varies
+LEVER_KEYS = (*LEVERS, "optimizer", "gradient_checkpointing")  # and the two notebook knobs a lever sweep varies
 
 
 def _lever_label(row, plain: dict) -> str:
@@ -709,8 +709,7 @@ def lever_table(summary: pd.DataFrame) -> pd.DataFrame:
     if ok.empty:
         return pd.DataFrame(columns=cols)
     ok["levers"] = [_lever_label(r, plain) for r in ok.to_dict("records")]
-    context = config_labels(ok, exclude=LEVER_KEYS).values
-    ok["context"] = context
+    ok["context"] = config_labels(ok, exclude=LEVER_KEYS).values
     base = ok[ok["levers"] == "plain"].groupby("context")[
         ["tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens"]].median()
     rows = ok[ok["context"].isin(base.index)]
