@@ -32,7 +32,7 @@ STATUS_COLOR = {"ok": "#2ca02c", "oom": "#d62728", "error": "#7f7f7f"}
 METRICS = ("load_s", "eval_before_s", "train_s", "eval_after_s", "weights_gib", "params_total", "params_trainable",
            "ppl_before", "ppl_after", "tokens_per_s", "step_time_median_s", "peak_rss_gib", "peak_allocated_gib",
            "peak_reserved_gib", "peak_nvml_process_used_gib", "peak_process_est_gib", "energy_j",
-           "energy_j_per_1k_tokens")
+           "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens")
 # Names a sidecar may use for the NVML per-process peak; else it is the maximum of the step rows.
 NVML_PEAK_KEYS = ("peak_nvml_process_used_gib", "nvml_process_used_gib_peak", "peak_nvml_used_gib")
 # The training notebook's parameters, for tables that lost the sweep's own list (summary.attrs['config_keys']).
@@ -699,27 +699,34 @@ def _lever_label(row, plain: dict) -> str:
 def lever_table(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per finished run that differs from the plain stack only by levers, against the plain run of the
     same configuration (same quant, shape, batch, rank, budget): tokens/s, peak reserved memory and energy per
-    1k tokens, each with its ratio (memory: difference) to plain. Empty when no such pair exists."""
+    1k tokens, each with its ratio (memory: difference) to plain. Energy twice: over the whole training window
+    (compilation and warm-up included, what a short run costs) and over the steady steps tokens/s counts (what
+    a token costs in a long run; NaN for runs recorded before steps carried their own energy). Empty when no
+    such pair exists."""
     from .sweep import notebook_parameters
 
     plain = {k: p["default"] for k, p in notebook_parameters().items() if k in LEVER_KEYS}
     ok = _ok(summary).copy()
     cols = ["quant", "levers", "tokens_per_s", "speed_x", "peak_reserved_gib", "reserved_vs_plain_gib",
-            "energy_j_per_1k_tokens", "energy_x"]
+            "energy_j_per_1k_tokens", "energy_x", "energy_steady_j_per_1k_tokens", "energy_steady_x"]
     if ok.empty:
         return pd.DataFrame(columns=cols)
+    figures = ["tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens"]
+    for k in figures:
+        if k not in ok:
+            ok[k] = float("nan")
     ok["levers"] = [_lever_label(r, plain) for r in ok.to_dict("records")]
     ok["context"] = config_labels(ok, exclude=LEVER_KEYS).values
-    base = ok[ok["levers"] == "plain"].groupby("context")[
-        ["tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens"]].median()
+    base = ok[ok["levers"] == "plain"].groupby("context")[figures].median()
     rows = ok[ok["context"].isin(base.index)]
     if rows["levers"].eq("plain").all():
         return pd.DataFrame(columns=cols)
-    out = rows[["quant", "levers", "context", "tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens"]].copy()
+    out = rows[["quant", "levers", "context", *figures]].copy()
     ref = base.reindex(out["context"]).set_index(out.index)
     out["speed_x"] = out["tokens_per_s"] / ref["tokens_per_s"]
     out["reserved_vs_plain_gib"] = out["peak_reserved_gib"] - ref["peak_reserved_gib"]
     out["energy_x"] = out["energy_j_per_1k_tokens"] / ref["energy_j_per_1k_tokens"]
+    out["energy_steady_x"] = out["energy_steady_j_per_1k_tokens"] / ref["energy_steady_j_per_1k_tokens"]
     out["is_plain"] = out["levers"] == "plain"  # plain first in each configuration, then fastest first
     out = out.sort_values(["context", "is_plain", "speed_x"], ascending=[True, False, False])
     return out.set_index("context")[cols]

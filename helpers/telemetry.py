@@ -208,7 +208,7 @@ class StepTelemetry(TrainerCallback):
         self.history: list[dict] = []
         self.energy_start_j = self.energy_end_j = None
         self.window_s = None  # the training window the energy covers
-        self._t0 = self._train_t0 = None
+        self._t0 = self._train_t0 = self._e0 = None
         self._last_power = None
         self.sampled_energy_j = 0.0  # fallback: power sampled at step ends x step time
         self.excluded_s, self.excluded_j = 0.0, 0.0  # work inside the window that is not training (evaluations)
@@ -220,11 +220,13 @@ class StepTelemetry(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kw):
         sync(self.device)
+        self._e0 = self.nvml.energy_j()
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kw):
         sync(self.device)
         dt = time.perf_counter() - self._t0
+        e1 = self.nvml.energy_j()
         power = self.nvml.power_w()
         if power is not None:
             self.sampled_energy_j += power * dt
@@ -235,6 +237,7 @@ class StepTelemetry(TrainerCallback):
             "loss": None,
             "learning_rate": None,
             "power_w": power,
+            "energy_j": e1 - self._e0 if e1 is not None and self._e0 is not None else None,  # this step's
         }
         row.update(memory_now(self.device, self.nvml))
         self.history.append(row)
@@ -289,6 +292,10 @@ class StepTelemetry(TrainerCallback):
         # whole window (warm-up steps included): energy per token covers everything the tokens cost
         out["energy_j_per_1k_tokens"] = e / all_tokens * 1000 if e is not None and all_tokens else None
         out["mean_power_w"] = e / self.window_s if e is not None and self.window_s else None
+        # the steps tokens/s counts (warm-up and compilation left out): what a token costs in a long run
+        steady_e = [r.get("energy_j") for r in steady]
+        out["energy_steady_j_per_1k_tokens"] = (sum(steady_e) / tokens * 1000
+                                                if tokens and steady_e and None not in steady_e else None)
         return out
 
 

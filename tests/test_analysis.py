@@ -361,9 +361,15 @@ def test_lever_effects_compare_each_lever_with_the_plain_run_of_the_same_configu
         m["tokens_per_s"] *= speed
         m["peak_reserved_gib"] += mem
         m["energy_j_per_1k_tokens"] *= energy
+        if cfg["quant"] == "nf4":  # steady-state energy recorded (the none runs predate it: absent)
+            m["energy_steady_j_per_1k_tokens"] = 100.0 * (0.4 if cfg.get("torch_compile") else energy)
         write_run(folder, rec)
     summary, _ = analysis.load_sweep(folder)
     table = analysis.lever_table(summary)
+    steady = dict(zip(table["levers"], table["energy_steady_x"]))
+    assert steady["torch_compile + optimizer=adamw_torch_fused"] == pytest.approx(0.4)  # not the window's 0.5
+    assert steady["fused_kernels"] == pytest.approx(0.7)
+    assert math.isnan(steady["chunked_loss=8 + gradient_checkpointing=False"])  # absent, not 0 or 1
     got = {(q, l): (round(x, 3), round(m, 3), round(e, 3)) for q, l, x, m, e in
            table[["quant", "levers", "speed_x", "reserved_vs_plain_gib", "energy_x"]].values}
     assert got == {

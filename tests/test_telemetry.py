@@ -151,3 +151,41 @@ def test_gpu_baseline_reads_memory_before_our_context(monkeypatch, initialised, 
     for key, want in (("nvml_device_used_before_gib", before), ("cuda_context_gib", context)):
         assert (out[key] is None) if want is None else math.isclose(out[key], want), (key, out)
     assert telemetry.gpu_baseline("cpu") == {"nvml_device_used_before_gib": None, "cuda_context_gib": None}
+
+
+class CountingNvml:
+    """An energy counter that gains `per_read` joules at each reading: each step sees its own growth."""
+    handle = object()
+
+    def __init__(self, steps_j):
+        self.steps_j, self.total, self.begun = list(steps_j), 0.0, False
+
+    def energy_j(self):
+        if self.begun:  # a step-end reading: add that step's energy
+            self.total += self.steps_j.pop(0)
+        self.begun = not self.begun
+        return self.total
+
+    def power_w(self):
+        return None
+
+    def used_gib(self):
+        return (None, None)
+
+
+def test_steady_energy_counts_the_same_steps_as_tokens_per_s():
+    # a compile-like first step that costs 10x: the whole-window figure carries it, the steady one does not
+    s = telemetry.StepTelemetry("cpu", tokens_per_step=1000)
+    s.nvml = CountingNvml([1000.0, 100.0, 100.0, 100.0])
+    state = type("State", (), {"global_step": 0})()
+    for i in range(1, 5):
+        state.global_step = i
+        s.on_step_begin(None, state, None)
+        s.on_step_end(None, state, None)
+    assert [r["energy_j"] for r in s.history] == [1000.0, 100.0, 100.0, 100.0]
+    s.energy_start_j, s.energy_end_j, s.window_s = 0.0, 1300.0, 2.0
+    out = s.summary(warmup_steps=1)
+    assert out["energy_j_per_1k_tokens"] == 1300 / 4000 * 1000
+    assert out["energy_steady_j_per_1k_tokens"] == 300 / 3000 * 1000
+    s.history[2]["energy_j"] = None  # one step without a reading: no steady figure rather than a wrong one
+    assert s.summary(warmup_steps=1)["energy_steady_j_per_1k_tokens"] is None
