@@ -114,6 +114,7 @@ def main(argv=None):
     g.add_argument("--offload-activations", action="store_true", help="saved activations to pinned host memory")
     g.add_argument("--keep-16bit", action="store_true", help="QLoRA: no float32 upcast of norms, embeddings, head")
     g.add_argument("--chunked-loss", type=int, default=0, help="head + loss over N token chunks (0: off)")
+    g.add_argument("--tiled-mlp", type=int, default=0, help="each layer's MLP over N checkpointed sequence slices (0: off)")
     a = ap.parse_args(argv)
     lever_cfg = {k: getattr(a, k) for k in levers.LEVERS}
 

@@ -40,7 +40,7 @@ CONFIG_KEYS_FALLBACK = ("model", "quant", "dtype", "double_quant", "corpus", "se
                         "eval_blocks", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
                         "gradient_checkpointing", "max_steps", "batch_size", "grad_accum", "learning_rate",
                         "warmup_steps", "optimizer", "fused_kernels", "torch_compile", "offload_activations",
-                        "keep_16bit", "chunked_loss", "timing_warmup_steps")
+                        "keep_16bit", "chunked_loss", "tiled_mlp", "timing_warmup_steps")
 Q4_1_NOTE = "smollm2-135m's weights were already rounded to 4 bits (Q4_1) in the GGUF it ships as"
 
 

@@ -10,6 +10,10 @@
                          their memory); they stay in the compute dtype, as in the 16-bit arm.
     chunked_loss         N > 0: apply the output head and cross-entropy in N chunks of tokens, each
                          recomputed in backward, so the (tokens x vocab) float32 logits are never whole.
+    tiled_mlp            N > 0: run each decoder layer's MLP over N slices of the sequence, each slice
+                         checkpointed, so only one slice's (tokens x intermediate) activations exist at a time
+                         in backward (the idea of DeepSpeed's TiledMLP for long sequences). Built on
+                         torch.utils.checkpoint, not Liger's port, which needs Triton: this lever runs on a CPU.
 
 apply_to_base() goes before LoRA is attached (Liger patches the base model's modules), apply_to_peft() after;
 training_loss() is the one loss every path uses (the Trainer subclass, the max-context probe, the tests), so a
@@ -21,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss")
+LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
+COUNT_LEVERS = ("chunked_loss", "tiled_mlp")  # a whole number, 0 = off; the others are True / False
 IGNORE_INDEX = -100
 
 
 def config_of(cfg: dict) -> dict:
     """The lever settings of a run configuration (absent keys: off)."""
-    return {k: cfg.get(k, 0 if k == "chunked_loss" else False) for k in LEVERS}
+    return {k: cfg.get(k, 0 if k in COUNT_LEVERS else False) for k in LEVERS}
 
 
 def problems(cfg: dict, on_gpu: bool | None) -> list[tuple[str, object, str]]:
@@ -45,9 +50,10 @@ def problems(cfg: dict, on_gpu: bool | None) -> list[tuple[str, object, str]]:
             out.append(("fused_kernels", True, "False unless liger-kernel is installed (pip install -e .[fast])"))
     if cfg.get("keep_16bit") and cfg.get("quant", "none") == "none":
         out.append(("keep_16bit", True, "False for quant none (only QLoRA upcasts norms, embeddings and head)"))
-    n = cfg.get("chunked_loss", 0)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        out.append(("chunked_loss", n, "0 (off) or a whole number of chunks >= 1"))
+    for name, what in (("chunked_loss", "chunks"), ("tiled_mlp", "sequence slices")):
+        n = cfg.get(name, 0)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            out.append((name, n, f"0 (off) or a whole number of {what} >= 1"))
     return out
 
 
@@ -65,8 +71,26 @@ def decoder_layers(model) -> list:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
+def tiled(forward, slices: int):
+    """forward (an MLP's: [..., seq, hidden] -> same shape) over `slices` slices of the sequence; with grad on,
+    each slice is checkpointed, so backward rebuilds one slice's activations at a time (the autograd engine
+    runs the slices' independent graphs one after another)."""
+    def tiled_forward(x):
+        parts = x.chunk(slices, dim=-2)
+        if torch.is_grad_enabled():
+            return torch.cat([checkpoint(forward, p, use_reentrant=False) for p in parts], dim=-2)
+        return torch.cat([forward(p) for p in parts], dim=-2)
+    return tiled_forward
+
+
 def apply_to_peft(model, cfg: dict):
-    """Levers that go on the model with adapters: regional torch.compile."""
+    """Levers that go on the model with adapters: tiled MLPs, then regional torch.compile."""
+    if cfg.get("tiled_mlp"):
+        mlps = [layer.mlp for layer in decoder_layers(model) if hasattr(layer, "mlp")]
+        if not mlps:
+            raise ValueError(f"tiled_mlp={cfg['tiled_mlp']} found no decoder layer MLPs in {type(model).__name__}")
+        for mlp in mlps:
+            mlp.forward = tiled(mlp.forward, cfg["tiled_mlp"])  # the instance's own forward: LoRA and Liger inside
     if cfg.get("torch_compile"):
         layers = decoder_layers(model)
         if not layers:

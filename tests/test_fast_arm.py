@@ -23,6 +23,7 @@ max_context = load("max_context")
 def test_lever_list_is_parsed_and_checked():
     assert fast_arm.parse_levers("fused_kernels, chunked_loss=8,gradient_checkpointing=false,optimizer=adamw_torch_fused") == {
         "fused_kernels": True, "chunked_loss": 8, "gradient_checkpointing": False, "optimizer": "adamw_torch_fused"}
+    assert fast_arm.parse_levers("tiled_mlp=8,torch_compile") == {"tiled_mlp": 8, "torch_compile": True}
     with pytest.raises(SystemExit, match="unknown lever 'fused'"):
         fast_arm.parse_levers("fused")
 
@@ -59,10 +60,10 @@ def test_max_context_probe_runs_with_levers_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_STUDY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "mc.json"
     max_context.main(["--model", "tiny-llama-shape", "--device", "cpu", "--max-seq", "256", "--chunked-loss", "4",
-                      "--offload-activations", "--keep-16bit", "--out", str(out)])
+                      "--offload-activations", "--keep-16bit", "--tiled-mlp", "3", "--out", str(out)])
     r = json.loads(out.read_text())
     assert r["levers"] == {"fused_kernels": False, "torch_compile": False, "offload_activations": True,
-                           "keep_16bit": True, "chunked_loss": 4}
+                           "keep_16bit": True, "chunked_loss": 4, "tiled_mlp": 3}
     assert r["results"][0]["max_seq_len"] == 256 and all(p["ok"] for p in r["probes"])
 
 

@@ -35,7 +35,7 @@ def assert_within_1pct(plain, other):
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-@pytest.mark.parametrize("lever, value", [("chunked_loss", 3), ("offload_activations", True)])
+@pytest.mark.parametrize("lever, value", [("chunked_loss", 3), ("offload_activations", True), ("tiled_mlp", 3)])
 def test_lever_keeps_the_loss_of_every_step(tiny_model_dir, quant, lever, value):
     plain = train_losses(tiny_model_dir, quant, PLAIN)
     other = train_losses(tiny_model_dir, quant, {**PLAIN, lever: value})
@@ -95,6 +95,47 @@ def test_chunked_loss_equals_transformers_loss_and_gradient(tiny_model):
         tiny_model.zero_grad()
 
 
+def test_tiled_mlp_gives_the_mlps_outputs_and_gradients(tiny_model):
+    torch.manual_seed(0)
+    mlp = tiny_model.model.layers[0].mlp.double()
+    x = torch.randn(2, 21, tiny_model.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    ref = mlp(x)
+    ref.pow(2).sum().backward()
+    g_x, g_w = x.grad.clone(), mlp.gate_proj.weight.grad.clone()
+    for slices in (1, 4, 21, 30):  # 30 > sequence: torch.chunk gives 21 slices of one token
+        x.grad, mlp.gate_proj.weight.grad = None, None
+        out = levers.tiled(mlp.forward, slices)(x)
+        assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+        out.pow(2).sum().backward()
+        assert torch.allclose(x.grad, g_x, rtol=1e-10) and torch.allclose(mlp.gate_proj.weight.grad, g_w, rtol=1e-10)
+    with torch.no_grad():  # evaluation: sliced too, nothing checkpointed
+        assert torch.allclose(levers.tiled(mlp.forward, 4)(x), ref)
+
+
+def test_tiled_mlp_keeps_only_the_slices_inputs_for_backward(tiny_model):
+    # what the forward pass leaves for backward: the plain MLP keeps its (tokens x intermediate) activations,
+    # the tiled one only its input slices (tokens x hidden); backward then rebuilds one slice at a time
+    mlp, cfg = tiny_model.model.layers[0].mlp, tiny_model.config
+    x = torch.randn(1, 64, cfg.hidden_size, requires_grad=True)
+
+    def saved_elements(forward):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            forward(x)
+        return sum(sizes)
+
+    plain, tiled = saved_elements(mlp.forward), saved_elements(levers.tiled(mlp.forward, 8))
+    assert plain >= 64 * 3 * cfg.intermediate_size  # gate, up and their product, at least
+    assert tiled == 64 * cfg.hidden_size  # the 8 input slices, nothing else
+
+
+def test_tiled_mlp_wraps_every_decoder_layer_and_refuses_a_model_without_them(tiny_model):
+    levers.apply_to_peft(tiny_model, {**PLAIN, "tiled_mlp": 2})
+    assert all(layer.mlp.forward.__name__ == "tiled_forward" for layer in levers.decoder_layers(tiny_model))
+    with pytest.raises(ValueError, match="tiled_mlp=2 found no decoder layer MLPs"):
+        levers.apply_to_peft(torch.nn.Linear(2, 2), {**PLAIN, "tiled_mlp": 2})
+
+
 def test_compile_finds_the_decoder_layers(tiny_model):
     assert len(levers.decoder_layers(tiny_model)) == tiny_model.config.num_hidden_layers
     with pytest.raises(ValueError, match="torch_compile=True found no decoder layers"):
@@ -111,6 +152,7 @@ BASE = dict(model="smollm2-135m", quant="nf4", dtype="auto", corpus="pydoc", opt
     ({"fused_kernels": True}, "fused_kernels=True is not allowed: False on a CPU"),
     ({"keep_16bit": True, "quant": "none"}, "keep_16bit=True is not allowed: False for quant none"),
     ({"chunked_loss": -2}, "chunked_loss=-2 is not allowed: 0 (off) or a whole number of chunks >= 1"),
+    ({"tiled_mlp": 1.5}, "tiled_mlp=1.5 is not allowed: 0 (off) or a whole number of sequence slices >= 1"),
 ])
 def test_impossible_lever_settings_are_refused_by_name(change, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

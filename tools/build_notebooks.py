@@ -74,6 +74,7 @@ torch_compile: bool = False    # torch.compile each decoder layer; the first ste
 offload_activations: bool = False  # tensors saved for backward wait in pinned host memory, not on the GPU
 keep_16bit: bool = False       # QLoRA only: norms, embeddings and head stay 16-bit (peft upcasts them to float32)
 chunked_loss: int = 0          # head + cross-entropy over this many token chunks (0: off): never the whole logits
+tiled_mlp: int = 0             # each layer's MLP over this many sequence slices, each checkpointed (0: off): long context
 # --- measurement --------------------------------------------------------------------------------
 timing_warmup_steps: int = 3   # first steps left out of steady-state tokens/s (allocator and kernel warm-up)
 vram_budget_gib: float = 0.0   # emulate a smaller GPU by capping torch's allocator (GiB); 0: whole card; GPU only.
