@@ -28,7 +28,7 @@ from helpers import levers, models, runs, sweep  # noqa: E402
 # The default optimised arm. Not fused_kernels: on the H200 (2026-11-28, 7B shape, NF4, batch 4 x 512) Liger's
 # kernels alone ran at 0.88x the plain stack's tokens/s, torch_compile alone at 1.64x (one run each,
 # reports/levers), and Liger with torch_compile, keep_16bit and the fused AdamW at 1.00x (2 interleaved pairs,
-# reports/fast-arm/bench.json): Liger's Triton kernels inside the compiled layers undo what compiling gains.
+# reports/fast-arm/liger-compile-nf4.json): Liger's Triton kernels inside the compiled layers undo what compiling gains.
 OPTIMISED = "torch_compile,keep_16bit,optimizer=adamw_torch_fused"
 
 

@@ -154,7 +154,7 @@ def test_gpu_baseline_reads_memory_before_our_context(monkeypatch, initialised, 
 
 
 class CountingNvml:
-    """An energy counter that gains `per_read` joules at each reading: each step sees its own growth."""
+    """An energy counter read at each step's begin and end: between the two it grows by that step's joules."""
     handle = object()
 
     def __init__(self, steps_j):
