@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
-COUNT_LEVERS = ("chunked_loss", "tiled_mlp")  # a whole number, 0 = off; the others are True / False
+COUNT_LEVERS = {"chunked_loss": "chunks", "tiled_mlp": "sequence slices"}  # a whole number of these, 0 = off;
+# the other levers are True / False
 IGNORE_INDEX = -100
 
 
@@ -50,7 +51,7 @@ def problems(cfg: dict, on_gpu: bool | None) -> list[tuple[str, object, str]]:
             out.append(("fused_kernels", True, "False unless liger-kernel is installed (pip install -e .[fast])"))
     if cfg.get("keep_16bit") and cfg.get("quant", "none") == "none":
         out.append(("keep_16bit", True, "False for quant none (only QLoRA upcasts norms, embeddings and head)"))
-    for name, what in (("chunked_loss", "chunks"), ("tiled_mlp", "sequence slices")):
+    for name, what in COUNT_LEVERS.items():
         n = cfg.get(name, 0)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             out.append((name, n, f"0 (off) or a whole number of {what} >= 1"))
@@ -85,14 +86,14 @@ def tiled(forward, slices: int):
 
 def apply_to_peft(model, cfg: dict):
     """Levers that go on the model with adapters: tiled MLPs, then regional torch.compile."""
+    layers = decoder_layers(model) if cfg.get("tiled_mlp") or cfg.get("torch_compile") else []
     if cfg.get("tiled_mlp"):
-        mlps = [layer.mlp for layer in decoder_layers(model) if hasattr(layer, "mlp")]
+        mlps = [layer.mlp for layer in layers if hasattr(layer, "mlp")]
         if not mlps:
             raise ValueError(f"tiled_mlp={cfg['tiled_mlp']} found no decoder layer MLPs in {type(model).__name__}")
         for mlp in mlps:
             mlp.forward = tiled(mlp.forward, cfg["tiled_mlp"])  # the instance's own forward: LoRA and Liger inside
     if cfg.get("torch_compile"):
-        layers = decoder_layers(model)
         if not layers:
             raise ValueError(f"torch_compile=True found no decoder layers in {type(model).__name__} to compile")
         for layer in layers:

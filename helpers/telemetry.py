@@ -237,7 +237,7 @@ class StepTelemetry(TrainerCallback):
             "loss": None,
             "learning_rate": None,
             "power_w": power,
-            "energy_j": e1 - self._e0 if e1 is not None and self._e0 is not None else None,  # this step's
+            "energy_j": _delta(self._e0, e1),  # this step's
         }
         row.update(memory_now(self.device, self.nvml))
         self.history.append(row)
@@ -260,8 +260,7 @@ class StepTelemetry(TrainerCallback):
         e0, t0 = self.nvml.energy_j(), time.perf_counter()
         yield
         sync(self.device)
-        e1 = self.nvml.energy_j()
-        self.exclude(time.perf_counter() - t0, e1 - e0 if e0 is not None and e1 is not None else None)
+        self.exclude(time.perf_counter() - t0, _delta(e0, self.nvml.energy_j()))
 
     def on_train_end(self, args, state, control, **kw):
         sync(self.device)
@@ -297,6 +296,11 @@ class StepTelemetry(TrainerCallback):
         out["energy_steady_j_per_1k_tokens"] = (sum(steady_e) / tokens * 1000
                                                 if tokens and steady_e and None not in steady_e else None)
         return out
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    """after - before of a counter, None where either reading is missing (no counter: absent, not zero)."""
+    return after - before if before is not None and after is not None else None
 
 
 def _median(xs):
