@@ -732,9 +732,10 @@ def lever_table(summary: pd.DataFrame) -> pd.DataFrame:
     return out.set_index("context")[cols]
 
 
-def lever_effects(summary: pd.DataFrame):
-    """Each lever's (and each combination's) speed against the plain stack of the same configuration."""
-    table = lever_table(summary)
+def lever_effects(summary: pd.DataFrame, table: pd.DataFrame | None = None):
+    """Each lever's (and each combination's) speed against the plain stack of the same configuration.
+    table: lever_table(summary) when the caller has it already."""
+    table = lever_table(summary) if table is None else table
     if table.empty:
         return None, ("No lever comparison: no finished run here differs from a finished plain-stack run of the "
                       "same configuration by its levers alone (parameters/levers.yaml has such pairs).")

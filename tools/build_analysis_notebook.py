@@ -86,13 +86,14 @@ else:
 analysis.show(*analysis.energy_per_token(summary))
 '''),
     md("## Speed and memory levers\nEach lever (fused kernels, `torch.compile`, offloaded activations, 16-bit head and "
-       "embeddings, chunked loss, fused AdamW, no checkpointing) against the plain stack of the same configuration; "
+       "embeddings, chunked loss, tiled MLP, fused AdamW, no checkpointing) against the plain stack of the same configuration; "
        "shown for a sweep that varies them, such as `parameters/levers.yaml`."),
     code('''
-fig, line = analysis.lever_effects(summary)
+lever_table = analysis.lever_table(summary)
+fig, line = analysis.lever_effects(summary, lever_table)
 analysis.show(fig, line)
 if fig is not None:
-    display(analysis.lever_table(summary).round(3))
+    display(lever_table.round(3))
 '''),
     md("## Explore (JupyterLab)\nPick a per-step measure and runs. These ipywidgets need a live kernel, so the HTML report leaves them out (`explore=False`)."),
     code('''
