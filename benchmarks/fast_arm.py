@@ -8,8 +8,9 @@ For each quantization, the plain configuration (every lever off) and the optimis
 run as the training notebook, each in a fresh kernel, in pairs whose order alternates (A B, B A, ...), so a
 drift of the shared machine falls on both arms. Every run uses the same seed and data. Printed per
 quantization: the median over pairs of optimised / plain tokens/s, peak reserved memory and energy per 1k
-tokens, and the equivalence check: the largest relative difference of the loss at any logged step between the
-two arms of a pair (the study asks for < 1%).
+tokens (over the whole training window, compilation included, and over the steady steps tokens/s counts), and
+the equivalence check: the largest relative difference of the loss at any logged step between the two arms of a
+pair (the study asks for < 1%). Each command's runs (notebook and sidecar) go to runs/<--out's stem>/.
 
 LoRA dropout is 0 in both arms: compiled and fused code draw random numbers differently from eager code,
 and the question here is the levers' numerics, not dropout masks. Synthetic shapes train on random tokens:
@@ -24,12 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import levers, models, runs, sweep  # noqa: E402
+from helpers.analysis import loss_gap  # noqa: E402
 
-# The default optimised arm. Not fused_kernels: on the H200 (2026-11-28, 7B shape, NF4, batch 4 x 512) Liger's
-# kernels alone ran at 0.88x the plain stack's tokens/s, torch_compile alone at 1.64x (one run each,
-# reports/levers), and Liger with torch_compile, keep_16bit and the fused AdamW at 1.00x (2 interleaved pairs,
-# reports/fast-arm/liger-compile-nf4.json): Liger's Triton kernels inside the compiled layers undo what compiling gains.
-OPTIMISED = "torch_compile,keep_16bit,optimizer=adamw_torch_fused"
+# The default optimised arm, measured on the H200 (7B shape, batch 4 x 512, r16; reports/fast-arm/):
+# - torch_compile + keep_16bit + fused AdamW with checkpointing off: NF4 2.69x and 2.24x the plain stack's
+#   tokens/s in two commands of 2 interleaved pairs each (16-bit LoRA 2.93x and 2.52x), at 1.87x the peak
+#   reserved memory (7.74 -> 14.4 GiB): not recomputing the forward pass in backward is bought with memory.
+# - the same with checkpointing on: 1.63x (2 pairs), 0.81x the memory.
+# - with Liger's kernels added as well: 1.00x (2 pairs): Liger's Triton kernels inside the compiled layers undo
+#   what compiling gains (torch_compile alone 1.64x, fused_kernels alone 0.88x, one run each in reports/levers).
+OPTIMISED = "torch_compile,keep_16bit,optimizer=adamw_torch_fused,gradient_checkpointing=false"
 
 
 EXTRA = ("batch_size", "grad_accum", "gradient_checkpointing", "optimizer")  # notebook knobs usable as levers
@@ -49,14 +54,6 @@ def parse_levers(text: str) -> dict:
         else:
             out[name] = value.lower() not in ("false", "0", "off") if value else True
     return out
-
-
-def loss_gap(a: list, b: list) -> float | None:
-    """Largest relative difference of the loss at any step both runs logged."""
-    la = {h["step"]: h["loss"] for h in a if h.get("loss") is not None}
-    lb = {h["step"]: h["loss"] for h in b if h.get("loss") is not None}
-    common = sorted(set(la) & set(lb))
-    return max(abs(la[s] - lb[s]) / abs(la[s]) for s in common) if common else None
 
 
 def ratio(opt: dict, plain: dict, key: str) -> float | None:
@@ -83,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of tokens/s (compilation happens here)")
     ap.add_argument("--budget", type=float, default=0.0, help="vram_budget_gib for both arms (0: whole card)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--out", required=True, help="JSON path; every run's notebook and sidecar go beside it in runs/")
+    ap.add_argument("--out", required=True, help="JSON path; every run's notebook and sidecar go beside it in runs/<its stem>/")
     a = ap.parse_args(argv)
     if a.pairs < 1 or a.steps <= a.warmup:
         ap.error(f"--pairs={a.pairs} must be >= 1 and --steps={a.steps} above --warmup={a.warmup}")
@@ -92,7 +89,7 @@ def main(argv=None):
         ap.error(f"--levers={a.levers!r} turns nothing on: the optimised arm would be the plain one")
 
     out = Path(a.out)
-    folder = out.parent / "runs"
+    folder = out.parent / "runs" / out.stem  # one folder per command: the plain arms of two commands share run ids
     params = sweep.notebook_parameters()
     spec = {"notebook": sweep.TRAIN_NOTEBOOK, "params": params}
     defaults = {k: p["default"] for k, p in params.items()}
@@ -143,13 +140,14 @@ def main(argv=None):
             pairs.append({"pair": i, "tokens_per_s_ratio": ratio(o, p, "tokens_per_s"),
                           "peak_reserved_ratio": ratio(o, p, "peak_reserved_gib"),
                           "energy_per_token_ratio": ratio(o, p, "energy_j_per_1k_tokens"),
+                          "energy_steady_ratio": ratio(o, p, "energy_steady_j_per_1k_tokens"),
                           "plain_tokens_per_s": (p.get("metrics") or {}).get("tokens_per_s"),
                           "optimised_tokens_per_s": (o.get("metrics") or {}).get("tokens_per_s"),
                           "loss_gap_max": loss_gap(p.get("history") or [], o.get("history") or []),
                           "statuses": [p.get("status"), o.get("status")]})
         table.append({"quant": q, "pairs": pairs,
                       **{f"median_{k}": median([x[k] for x in pairs]) for k in
-                         ("tokens_per_s_ratio", "peak_reserved_ratio", "energy_per_token_ratio",
+                         ("tokens_per_s_ratio", "peak_reserved_ratio", "energy_per_token_ratio", "energy_steady_ratio",
                           "plain_tokens_per_s", "optimised_tokens_per_s")},
                       "loss_gap_max": max((x["loss_gap_max"] for x in pairs if x["loss_gap_max"] is not None),
                                           default=None)})
@@ -164,11 +162,12 @@ def main(argv=None):
     print(f"\n{a.model} batch {a.batch_size} x {a.seq_len}, r{a.lora_r}, optimised = {optimised} "
           f"({'synthetic: cost only; ' if record['synthetic'] else ''}median of {a.pairs} interleaved pair(s))")
     print(f"{'quant':>6} {'plain tok/s':>11} {'opt tok/s':>10} {'speed x':>8} {'reserved x':>10} {'J/token x':>9} "
-          f"{'max loss gap':>12}")
+          f"{'steady J x':>10} {'max loss gap':>12}")
     for r in table:
         print(f"{r['quant']:>6} {fmt(r['median_plain_tokens_per_s'], '.0f'):>11} "
               f"{fmt(r['median_optimised_tokens_per_s'], '.0f'):>10} {fmt(r['median_tokens_per_s_ratio'], '.2f'):>8} "
               f"{fmt(r['median_peak_reserved_ratio'], '.2f'):>10} {fmt(r['median_energy_per_token_ratio'], '.2f'):>9} "
+              f"{fmt(r['median_energy_steady_ratio'], '.2f'):>10} "
               f"{fmt(r['loss_gap_max'] and 100 * r['loss_gap_max'], '.3f'):>11}%")
     print(f"wrote {out} in {record['wall_s']:.0f} s", flush=True)
     return record

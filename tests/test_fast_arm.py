@@ -28,13 +28,6 @@ def test_lever_list_is_parsed_and_checked():
         fast_arm.parse_levers("fused")
 
 
-def test_loss_gap_compares_the_steps_both_runs_logged():
-    a = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 1.0}]
-    b = [{"step": 1, "loss": 2.02}, {"step": 2, "loss": 1.005}]
-    assert fast_arm.loss_gap(a, b) == pytest.approx(0.01)
-    assert fast_arm.loss_gap(a, []) is None
-
-
 def test_an_optimised_arm_with_nothing_on_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         fast_arm.main(["--levers", "keep_16bit=false", "--out", str(tmp_path / "x.json")])
@@ -53,6 +46,8 @@ def test_fast_arm_runs_interleaved_pairs_on_cpu(tmp_path, monkeypatch):
     [row] = r["table"]
     assert row["median_tokens_per_s_ratio"] > 0 and row["loss_gap_max"] < 0.01
     assert json.loads(out.read_text())["table"][0]["quant"] == "nf4"
+    # each command's runs in their own folder: a second command's plain arm (same run id) cannot overwrite them
+    assert {p.name for p in (tmp_path / "fa" / "runs" / "bench").glob("*.json")} == {f"{x['run_id']}.json" for x in r["runs"]}
 
 
 @pytest.mark.slow
