@@ -696,19 +696,35 @@ def _lever_label(row, plain: dict) -> str:
     return " + ".join(changed) or "plain"
 
 
-def lever_table(summary: pd.DataFrame) -> pd.DataFrame:
+def loss_gap(a, b) -> float | None:
+    """Largest relative difference of the training loss at any step both runs logged: a and b are history rows
+    (dicts or a DataFrame with step and loss). None when they share no logged step. The study's equivalence check
+    for a speed lever: < 1% against the plain run on the same seed and data."""
+    def losses(h):
+        rows = h.to_dict("records") if isinstance(h, pd.DataFrame) else h
+        return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None and not pd.isna(r["loss"])}
+    la, lb = losses(a), losses(b)
+    common = sorted(set(la) & set(lb))
+    return max(abs(la[s] - lb[s]) / abs(la[s]) for s in common) if common else None
+
+
+def lever_table(summary: pd.DataFrame, history: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per finished run that differs from the plain stack only by levers, against the plain run of the
     same configuration (same quant, shape, batch, rank, budget): tokens/s, peak reserved memory and energy per
     1k tokens, each with its ratio (memory: difference) to plain. Energy twice: over the whole training window
     (compilation and warm-up included, what a short run costs) and over the steady steps tokens/s counts (what
-    a token costs in a long run; NaN for runs recorded before steps carried their own energy). Empty when no
-    such pair exists."""
+    a token costs in a long run; NaN for runs recorded before steps carried their own energy). With history
+    (load_sweep's second table), loss_gap_pct: the largest relative difference of the training loss at any logged
+    step against the plain run (the first by run id where there are several), in percent. Empty when no such pair
+    exists."""
     from .sweep import notebook_parameters
 
     plain = {k: p["default"] for k, p in notebook_parameters().items() if k in LEVER_KEYS}
     ok = _ok(summary).copy()
     cols = ["quant", "levers", "tokens_per_s", "speed_x", "peak_reserved_gib", "reserved_vs_plain_gib",
             "energy_j_per_1k_tokens", "energy_x", "energy_steady_j_per_1k_tokens", "energy_steady_x"]
+    if history is not None:
+        cols.append("loss_gap_pct")
     if ok.empty:
         return pd.DataFrame(columns=cols)
     figures = ["tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens"]
@@ -721,12 +737,17 @@ def lever_table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = ok[ok["context"].isin(base.index)]
     if rows["levers"].eq("plain").all():
         return pd.DataFrame(columns=cols)
-    out = rows[["quant", "levers", "context", *figures]].copy()
+    out = rows[["quant", "levers", "context", "run_id", *figures]].copy()
     ref = base.reindex(out["context"]).set_index(out.index)
     out["speed_x"] = out["tokens_per_s"] / ref["tokens_per_s"]
     out["reserved_vs_plain_gib"] = out["peak_reserved_gib"] - ref["peak_reserved_gib"]
     out["energy_x"] = out["energy_j_per_1k_tokens"] / ref["energy_j_per_1k_tokens"]
     out["energy_steady_x"] = out["energy_steady_j_per_1k_tokens"] / ref["energy_steady_j_per_1k_tokens"]
+    if history is not None:
+        steps = {rid: h for rid, h in history.groupby("run_id")} if not history.empty else {}
+        first_plain = out[out["levers"] == "plain"].sort_values("run_id").groupby("context")["run_id"].first()
+        gaps = [loss_gap(steps.get(first_plain[c], []), steps.get(rid, [])) for c, rid in zip(out["context"], out["run_id"])]
+        out["loss_gap_pct"] = [float("nan") if g is None else 100 * g for g in gaps]
     out["is_plain"] = out["levers"] == "plain"  # plain first in each configuration, then fastest first
     out = out.sort_values(["context", "is_plain", "speed_x"], ascending=[True, False, False])
     return out.set_index("context")[cols]

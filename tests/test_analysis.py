@@ -5,6 +5,7 @@ import json
 import math
 
 import nbformat
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
@@ -378,6 +379,11 @@ def test_lever_effects_compare_each_lever_with_the_plain_run_of_the_same_configu
         ("nf4", "offload_activations"): (0.8, -1.0, 1.2),
         ("none", "plain"): (1.0, 0.0, 1.0), ("none", "chunked_loss=8 + gradient_checkpointing=False"): (1.3, 2.0, 0.8),
     }
+    # with the steps: each lever's largest loss difference from its plain run (the fake losses differ by quant
+    # and rank only, so every lever run here matches its plain run exactly); without them, no such column
+    summary, history = analysis.load_sweep(folder)
+    gaps = analysis.lever_table(summary, history)
+    assert (gaps["loss_gap_pct"] == 0).all() and "loss_gap_pct" not in table
     fig, line = analysis.lever_effects(summary)
     assert fig is not None and len(fig.data) == 2  # one bar group per quant
     assert "fastest: nf4 · torch_compile + optimizer=adamw_torch_fused at 2.20x" in line
@@ -393,3 +399,24 @@ def test_lever_effects_say_why_a_sweep_without_levers_has_no_comparison(tmp_path
     assert analysis.lever_table(summary).empty
     fig, line = analysis.lever_effects(summary)
     assert fig is None and "No lever comparison" in line
+
+
+def test_loss_gap_compares_the_steps_both_runs_logged():
+    a = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 1.0}]
+    b = [{"step": 1, "loss": 2.02}, {"step": 2, "loss": 1.005}, {"step": 3, "loss": None}]
+    assert analysis.loss_gap(a, b) == pytest.approx(0.01)
+    assert analysis.loss_gap(pd.DataFrame(a), pd.DataFrame(b)) == pytest.approx(0.01)  # history rows as a table
+    assert analysis.loss_gap(a, []) is None
+
+
+def test_lever_table_gives_each_levers_loss_gap_against_its_plain_run(tmp_path):
+    folder = tmp_path / "levers"
+    plain, fused = fake_record(gpu=True, quant="nf4"), fake_record(gpu=True, quant="nf4", fused_kernels=True)
+    for h in fused["history"]:
+        if h["step"] == 3:
+            h["loss"] *= 1.02  # one step 2% off: the largest gap, not an average over the steps
+    write_run(folder, plain)
+    write_run(folder, fused)
+    summary, history = analysis.load_sweep(folder)
+    gaps = dict(zip(*analysis.lever_table(summary, history)[["levers", "loss_gap_pct"]].values.T))
+    assert gaps["plain"] == 0 and gaps["fused_kernels"] == pytest.approx(2.0)

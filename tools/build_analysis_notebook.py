@@ -87,9 +87,10 @@ analysis.show(*analysis.energy_per_token(summary))
 '''),
     md("## Speed and memory levers\nEach lever (fused kernels, `torch.compile`, offloaded activations, 16-bit head and "
        "embeddings, chunked loss, tiled MLP, fused AdamW, no checkpointing) against the plain stack of the same configuration; "
-       "shown for a sweep that varies them, such as `parameters/levers.yaml`."),
+       "shown for a sweep that varies them, such as `parameters/levers.yaml`. `loss_gap_pct` is the equivalence check: the "
+       "largest difference of the training loss at any logged step from the plain run's, in percent."),
     code('''
-lever_table = analysis.lever_table(summary)
+lever_table = analysis.lever_table(summary, history)
 fig, line = analysis.lever_effects(summary, lever_table)
 analysis.show(fig, line)
 if fig is not None:
