@@ -1,6 +1,9 @@
 """Plain against optimised training, interleaved in one command, with the ratios printed.
 
     python benchmarks/fast_arm.py --out reports/fast-arm/bench.json                 # on a GPU: 7B shape, NF4 + 16-bit
+    python benchmarks/fast_arm.py --levers torch_compile,keep_16bit,optimizer=adamw_torch_fused \\
+        --quants nf4 --out reports/fast-arm/bench-gc.json   # the default arm keeps no checkpoints (7B NF4: ~15 GiB);
+                                                            # with them, for a card of 8-12 GB
     python benchmarks/fast_arm.py --model tiny-llama-shape --device cpu --quants nf4 \\
         --levers chunked_loss=4,keep_16bit --pairs 1 --steps 4 --warmup 1 --out /tmp/fa.json   # CPU smoke run
 
