@@ -59,6 +59,11 @@ def parse_levers(text: str) -> dict:
     return out
 
 
+# optimised / plain per pair: the name in the results JSON -> the sidecar metric it divides
+RATIOS = {"tokens_per_s_ratio": "tokens_per_s", "peak_reserved_ratio": "peak_reserved_gib",
+          "energy_per_token_ratio": "energy_j_per_1k_tokens", "energy_steady_ratio": "energy_steady_j_per_1k_tokens"}
+
+
 def ratio(opt: dict, plain: dict, key: str) -> float | None:
     a, b = (opt.get("metrics") or {}).get(key), (plain.get("metrics") or {}).get(key)
     return a / b if a and b else None
@@ -140,18 +145,14 @@ def main(argv=None):
         for i in range(a.pairs):
             p, o = ({r["arm"]: r["record"] for r in results if r["quant"] == q and r["pair"] == i}[k]
                     for k in ("plain", "optimised"))
-            pairs.append({"pair": i, "tokens_per_s_ratio": ratio(o, p, "tokens_per_s"),
-                          "peak_reserved_ratio": ratio(o, p, "peak_reserved_gib"),
-                          "energy_per_token_ratio": ratio(o, p, "energy_j_per_1k_tokens"),
-                          "energy_steady_ratio": ratio(o, p, "energy_steady_j_per_1k_tokens"),
+            pairs.append({"pair": i, **{name: ratio(o, p, metric) for name, metric in RATIOS.items()},
                           "plain_tokens_per_s": (p.get("metrics") or {}).get("tokens_per_s"),
                           "optimised_tokens_per_s": (o.get("metrics") or {}).get("tokens_per_s"),
                           "loss_gap_max": loss_gap(p.get("history") or [], o.get("history") or []),
                           "statuses": [p.get("status"), o.get("status")]})
         table.append({"quant": q, "pairs": pairs,
                       **{f"median_{k}": median([x[k] for x in pairs]) for k in
-                         ("tokens_per_s_ratio", "peak_reserved_ratio", "energy_per_token_ratio", "energy_steady_ratio",
-                          "plain_tokens_per_s", "optimised_tokens_per_s")},
+                         (*RATIOS, "plain_tokens_per_s", "optimised_tokens_per_s")},
                       "loss_gap_max": max((x["loss_gap_max"] for x in pairs if x["loss_gap_max"] is not None),
                                           default=None)})
     record = {"what": "optimised / plain, interleaved pairs in one command", "model": a.model,
