@@ -115,7 +115,56 @@ def environment(device: str) -> dict:
     else:
         env["device_name"] = platform.processor() or platform.machine()
         env["device_total_gib"] = None
+    env.update(machine(device))
     return env
+
+
+# CPU instructions that change which kernels torch and bitsandbytes pick on a CPU (and so the figures):
+# bitsandbytes' 4-bit CPU path repacks weights for an inference kernel where avx512_bf16 is present.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "asimd", "sve")
+
+
+def _cpu_info() -> tuple[str | None, list[str]]:
+    """(CPU model name, which of CPU_FLAGS it has) from /proc/cpuinfo; (None, []) where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or None, []
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Processor", "CPU part") and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features"):
+            flags.update(value.split())
+    return model, [f for f in CPU_FLAGS if f in flags]
+
+
+def machine(device: str) -> dict:
+    """Which machine a run ran on: ratios of speed or energy are only taken between runs of one machine.
+
+    host and boot_id tell two leases of the same host apart (a reboot is a new machine for timing);
+    gpu_uuid tells GPUs apart where one host has several; cpu_model/cpu_flags say which CPU kernels ran.
+    """
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = None
+    cpu_model, cpu_flags = _cpu_info()
+    out = {"host": platform.node(), "boot_id": boot_id, "cpu_model": cpu_model, "cpu_flags": cpu_flags,
+           "gpu_uuid": None}
+    if str(device).startswith("cuda"):
+        from .telemetry import Nvml
+
+        nvml = Nvml(device)
+        if nvml.handle is not None:
+            try:
+                uuid = nvml.nvml.nvmlDeviceGetUUID(nvml.handle)
+                out["gpu_uuid"] = uuid.decode() if isinstance(uuid, bytes) else uuid
+            except Exception:
+                pass
+    return out
 
 
 def _clean(x):
@@ -319,6 +368,11 @@ def summary_table(run: dict):
     return pd.DataFrame(rows, columns=["measure", run["run_id"]]).set_index("measure")
 
 
+# environment keys that summary.csv carries (env_<key>): what a reader needs to tell machines and stacks apart
+ENV_COLUMNS = ("device", "device_name", "device_total_gib", "side_by_side", "torch", "transformers", "peft",
+               "bitsandbytes", "host", "boot_id", "gpu_uuid", "cpu_model")
+
+
 def summary_rows(records: list[dict]) -> list[dict]:
     """One flat row per run (config keys, then metrics, then a few environment keys), failures included."""
     rows = []
@@ -327,8 +381,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
         row = {"run_id": r.get("run_id"), "status": r.get("status"), "error": r.get("error")}
         row.update({k: v for k, v in (r.get("config") or {}).items() if k != "run_id"})
         row.update(r.get("metrics") or {})
-        row.update({f"env_{k}": env.get(k) for k in ("device", "device_name", "device_total_gib", "side_by_side",
-                                                     "torch", "transformers", "peft", "bitsandbytes")})
+        row.update({f"env_{k}": env.get(k) for k in ENV_COLUMNS})
+        row["env_cpu_flags"] = " ".join(env.get("cpu_flags") or []) or None
         rows.append(row)
     return rows
 
