@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .quantized import keep_training_layout
+
 QUANTS = ("none", "nf4", "fp4", "int8")  # none = 16-bit base (plain LoRA); the rest = QLoRA-style
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto = bfloat16 on a GPU, float32 on a CPU
@@ -395,6 +397,7 @@ def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant
         raise OSError(f"could not load model {model!r} from {source}: {e}") from e
     if tok is not None and tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    repack_off = keep_training_layout(net)  # the same 4-bit path on every CPU (helpers/quantized.py)
     _, total = count_parameters(net)
     info = {
         "model_source": source,
@@ -403,6 +406,7 @@ def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant
         "dtype_resolved": dtype,
         "params_total": total,
         "weights_gib": net.get_memory_footprint() / 2**30,  # parameters + buffers as stored (4-bit packed)
+        "cpu_repack_disabled_layers": repack_off,  # 4-bit layers kept out of bitsandbytes' CPU inference layout
     }
     return net, tok, info
 

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .kernels import papermill_options
 from .runs import publish, write_summary
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,8 @@ def build_report(sweep_dir) -> Path:
     os.close(fd)
     try:
         papermill.execute_notebook(str(ANALYSIS_NOTEBOOK), tmp, parameters={"sweep_dir": str(shown), "explore": False},
-                                   cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
+                                   cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3",
+                                   **papermill_options())
     except papermill.PapermillExecutionError:
         publish(tmp, folder / "analysis.failed.ipynb")
         raise

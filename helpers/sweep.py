@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from .kernels import papermill_options
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
 SWEEP_KEYS = {"name", "description", "notebook", "base", "grid", "repeats"}
@@ -169,7 +171,8 @@ def execute(sweep: dict, cfg: dict) -> str:
     params = {k: v for k, v in cfg.items() if k in sweep["params"]}
     try:
         papermill.execute_notebook(str(sweep["notebook"]), str(folder / f"{cfg['run_id']}.ipynb"),
-                                   parameters=params, cwd=str(PROJECT_ROOT), progress_bar=False)
+                                   parameters=params, cwd=str(PROJECT_ROOT), progress_bar=False,
+                                   **papermill_options())
     except papermill.PapermillExecutionError as e:
         if not sidecar.exists():  # the notebook's own guard writes oom/error sidecars with measurements
             return _record_failure(cfg, e)

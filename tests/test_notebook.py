@@ -23,6 +23,7 @@ def test_notebook_runs_default_model_and_writes_sidecar(tmp_path):
     for k in ("ppl_before", "ppl_after", "tokens_per_s", "peak_rss_gib", "weights_gib", "load_s", "train_s"):
         assert m[k] is not None and math.isfinite(m[k]) and m[k] > 0, k
     assert 0 < m["params_trainable"] < m["params_total"]
+    assert m["grad_check_rel_error"] < 1e-4 and m["grad_check_s"] > 0  # the guard ran, on a 4-bit layer
     assert len(r["history"]) == 3 and all(h["step_time_s"] > 0 for h in r["history"])
     assert r["environment"]["bitsandbytes"] and r["environment"]["device"] == "cpu"
 

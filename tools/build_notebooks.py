@@ -141,7 +141,18 @@ print(f"levers: {on_levers or 'none (the plain stack)'}")
 run["metrics"]["params_trainable"], _ = models.count_parameters(net)
 print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
-    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
+    md("## 6 · Gradients through the quantized weights\nOne small batch through one quantized layer: the gradient "
+       "with respect to its input against a float32 reference from the dequantized weight (`helpers/quantized.py`). "
+       "A library whose backward is wrong on this CPU or GPU stops the run here, before a wrong number is trained."),
+    code('''
+from helpers import quantized
+with runs.guard(run):
+    check = quantized.gradient_check(net)
+run["metrics"]["grad_check_rel_error"], run["metrics"]["grad_check_s"] = check["rel_error"], check["seconds"]
+print(f"gradient check: {check['layer']} relative error {check['rel_error']:.2g} (allowed {check['tolerance']:g}), "
+      f"{check['seconds'] * 1000:.0f} ms" if check["layer"] else "gradient check: no quantized layer (nothing to check)")
+'''),
+    md("## 7 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
        "energy from NVML's counter over the training window on a GPU. Memory peaks: torch (allocated, reserved), NVML "
        "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
@@ -164,14 +175,14 @@ if m["peak_reserved_gib"] is not None:
     print(f"peak torch reserved {m['peak_reserved_gib']:.2f} GiB + non-torch {m['non_torch_peak_gib'] or float('nan'):.2f} GiB "
           f"(CUDA context {m['cuda_context_gib'] or float('nan'):.2f}); energy {m['energy_j_per_1k_tokens'] or float('nan'):.1f} J / 1k tokens")
 '''),
-    md("## 7 · Perplexity after training"),
+    md("## 8 · Perplexity after training"),
     code('''
 with runs.guard(run), telemetry.phase("eval_after", run["metrics"], run["device"]):
     after = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
 run["metrics"]["ppl_after"] = after["ppl"]
 print(f"perplexity after: {after['ppl']:.3f} (before {before['ppl']:.3f}){not_quality}")
 '''),
-    md("## 8 · Results\nThe sidecar is written last and atomically: a run without one did not finish."),
+    md("## 9 · Results\nThe sidecar is written last and atomically: a run without one did not finish."),
     code('''
 path = runs.finish(run)
 runs.summary_table(run)
