@@ -1,5 +1,7 @@
 # qlora-study: two commands on a fresh machine.
-#   make study   set up, run the default sweep (parameters/default.yaml), write its report
+#   make study   set up, run the default sweep (parameters/default.yaml) on this machine into
+#                reports/local/default/ (git ignores it), and write its report beside the published
+#                reference reports/default/
 #   make test    set up, run the test suite
 # Everything is installed from this project's own files into .venv; the default model is fetched
 # once into $(QLORA_STUDY_CACHE) (default ~/.cache/qlora-study).

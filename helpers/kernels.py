@@ -2,10 +2,14 @@
 
 jupyter_client's default is TCP on localhost, for which every kernel start prints "Kernel is running over
 TCP without encryption" (ipykernel/kernelapp.py): a warning per run of a sweep. Our kernels are always
-local, so they talk over Unix domain sockets in Jupyter's runtime folder instead: nothing listens on a
-port, and there is nothing to warn about. Windows has no such sockets; there the default (TCP) stays.
+local, so they talk over Unix domain sockets instead: nothing listens on a port, and there is nothing to warn
+about. Each kernel gets socket paths of its own (jupyter_client would number them from one shared name in the
+working folder, so kernels started side by side, `sweep --jobs N`, took each other's sockets). Windows has no
+such sockets; there the default (TCP) stays.
 """
 import os
+import tempfile
+import uuid
 
 from jupyter_client.manager import KernelManager
 from traitlets import default
@@ -17,6 +21,10 @@ class IpcKernelManager(KernelManager):
     @default("transport")
     def _default_transport(self):
         return "ipc"
+
+    @default("ip")
+    def _default_ip(self):  # the sockets are <ip>-<n>: short (a socket path has ~107 bytes) and unique
+        return os.path.join(tempfile.gettempdir(), f"qlora-kernel-{uuid.uuid4().hex[:12]}")
 
 
 def papermill_options() -> dict:

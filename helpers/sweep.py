@@ -3,7 +3,9 @@
     python -m helpers.sweep parameters/default.yaml [--dry-run] [--force] [--no-report] [--jobs N]
 
 Every configuration runs in a fresh kernel (clean memory figures) into
-reports/<name>/runs/<run_id>.ipynb; the notebook writes <run_id>.json last. A run with a sidecar
+reports/local/<name>/runs/<run_id>.ipynb (this machine's runs; git ignores reports/local/); the notebook writes
+<run_id>.json last. The report then sets each configuration beside the published reference reports/<name>/
+(helpers/reference.py); `python -m helpers.publish reports/local/<name>` makes these runs the reference. A run with a sidecar
 of status ok or oom is finished and skipped on a re-run; anything else is redone.
 
 --jobs N runs N configurations side by side (one kernel each) on the same device. That is for quality
@@ -23,8 +25,8 @@ import time
 from pathlib import Path
 
 from .kernels import papermill_options
+from .paths import LOCAL_REPORTS, PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
 SWEEP_KEYS = {"name", "description", "notebook", "base", "grid", "repeats"}
 FINISHED = ("ok", "oom")  # outcomes that are results; error / corrupt / missing are redone
@@ -77,8 +79,9 @@ def load_sweep(path, reports_root=None) -> dict:
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(SWEEP_KEYS)}")
     name = spec.get("name")
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise SweepError(f"{path}: name={name!r} must be a folder name (reports/<name>/)")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith(".") or name == LOCAL_REPORTS.name:
+        raise SweepError(f"{path}: name={name!r} must be a folder name (reports/<name>/), not "
+                         f"{LOCAL_REPORTS.name!r} (the folder of this machine's runs)")
     notebook = Path(spec.get("notebook") or TRAIN_NOTEBOOK)
     notebook = notebook if notebook.is_absolute() else PROJECT_ROOT / notebook
     if not notebook.is_file():
@@ -105,7 +108,7 @@ def load_sweep(path, reports_root=None) -> dict:
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise SweepError(f"{path}: repeats={repeats!r} must be a whole number >= 1")
     return {"name": name, "notebook": notebook, "params": params, "base": base, "grids": grids, "repeats": repeats,
-            "folder": Path(reports_root or PROJECT_ROOT / "reports") / name}
+            "folder": Path(reports_root or LOCAL_REPORTS) / name}
 
 
 def expand(sweep: dict) -> list[dict]:
@@ -310,7 +313,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the runs and whether each would run or be skipped")
     ap.add_argument("--force", action="store_true", help="redo every run, finished or not")
     ap.add_argument("--no-report", action="store_true", help="write summary.csv but skip the analysis and HTML")
-    ap.add_argument("--reports", default=None, help="reports folder (default: the project's reports/)")
+    ap.add_argument("--reports", default=None, help="reports folder (default: reports/local/, this machine's runs; "
+                    "reports/<name>/ is the published reference)")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side on one device (quality sweeps only: "
                     "cost figures become shared ones); default 1")
     a = ap.parse_args(argv)

@@ -26,7 +26,7 @@ papermill notebooks/02_analysis.ipynb reports/default/analysis.ipynb -p sweep_di
 sweep_dir: str = "reports/default"  # the sweep folder (holds runs/); relative to the project root
 explore: bool = True                # ipywidgets selectors at the end (JupyterLab); the HTML report sets False
 ''', tags=["parameters"]),
-    md("## The sweep\nEvery run in `runs/`, with its outcome. A sidecar or executed notebook that cannot be read is marked, not fatal."),
+    md("## The sweep\nHow many runs this folder holds and how they ended, against the sweep file that plans them. A sidecar or executed notebook that cannot be read is marked, not fatal."),
     code('''
 from IPython.display import Markdown
 import helpers.analysis as analysis
@@ -35,6 +35,19 @@ sweep = analysis.resolve_sweep_dir(sweep_dir)
 summary, history = analysis.load_sweep(sweep)
 Markdown(f"`{sweep_dir}`: {analysis.overview(summary)}{analysis.plan_status(sweep, summary)}")
 '''),
+    md("## Against the published reference\nFor a sweep run on this machine (`reports/local/<name>/`), each configuration "
+       "beside the published one (`reports/<name>/`): perplexity should agree within 1% on any machine and is flagged "
+       "when it does not, with what differs in the environment; speed is this machine's, shown as a ratio."),
+    code('''
+from helpers import reference
+against = reference.compare(sweep)
+if against is None:
+    display(Markdown("*Skipped.* This folder is published itself, or no published sweep of its name exists."))
+else:
+    display(Markdown(against[0]))
+    display(reference.display_table(against[1]))
+'''),
+    md("## Every run\nEach run with its outcome; the charts below hold the figures."),
     code('''
 analysis.run_table(summary)
 '''),

@@ -1,0 +1,12 @@
+"""Where things are: the project root, and the two kinds of report folder.
+
+`reports/<name>/` holds published sweeps: committed, read-only references that results.md cites.
+`reports/local/<name>/` holds this machine's runs of a sweep (git ignores it): `helpers.sweep` writes there
+unless told otherwise, and its report sets each configuration beside the published one (helpers/reference.py).
+Publishing is a separate, explicit step: `python -m helpers.publish reports/local/<name>`.
+"""
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED_REPORTS = PROJECT_ROOT / "reports"
+LOCAL_REPORTS = PUBLISHED_REPORTS / "local"

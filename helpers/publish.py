@@ -1,0 +1,106 @@
+"""Publish this machine's runs of a sweep as the reference: the one explicit step that writes reports/<name>/.
+
+    python -m helpers.publish reports/local/<name> [--dry-run] [--no-report]
+
+Copies every run whose sidecar is readable (ok, oom and error runs alike: failures are results) with its
+executed notebook from `reports/local/<name>/runs/` into `reports/<name>/runs/`, each file atomically (a
+temporary file beside it, then a rename), replacing a published run of the same id; then rebuilds that
+folder's report. Runs without a readable sidecar (unfinished, corrupt) are not published and are listed.
+Commit the published folder to make it the reference others compare with.
+"""
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .paths import PROJECT_ROOT, PUBLISHED_REPORTS
+from .report import build_report
+from .runs import publish as rename_into_place
+from .runs import read_sidecar
+
+
+def _copy(src: Path, dest: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    try:
+        with open(fd, "wb") as f, open(src, "rb") as s:
+            shutil.copyfileobj(s, f)
+        rename_into_place(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:
+    """(target folder, [(run_id, 'new' | 'replaces <old status>')], [run ids left out and why])."""
+    folder = Path(folder).expanduser()
+    folder = folder if folder.is_absolute() else PROJECT_ROOT / folder
+    if not (folder / "runs").is_dir():
+        raise FileNotFoundError(f"{folder} is not a sweep folder: it has no runs/ subfolder")
+    target = PUBLISHED_REPORTS / folder.name
+    if folder.resolve() == target.resolve():
+        raise ValueError(f"{folder} is already the published folder; publish from reports/local/{folder.name}")
+    todo, left_out = [], []
+    for sidecar in sorted((folder / "runs").glob("*.json")):
+        try:
+            status = read_sidecar(sidecar)["status"]
+        except ValueError as e:
+            left_out.append(f"{sidecar.stem} ({e})")
+            continue
+        if not sidecar.with_suffix(".ipynb").is_file():
+            left_out.append(f"{sidecar.stem} (status {status}, but its executed notebook is missing)")
+            continue
+        old = target / "runs" / sidecar.name
+        if old.exists():
+            try:
+                what = f"replaces a published {read_sidecar(old)['status']} run"
+            except ValueError:
+                what = "replaces an unreadable published run"
+        else:
+            what = "new"
+        todo.append((sidecar.stem, f"{status}, {what}"))
+    for nb in sorted((folder / "runs").glob("*.ipynb")):
+        if not nb.with_suffix(".json").exists():
+            left_out.append(f"{nb.stem} (no sidecar: the run did not finish)")
+    return target, todo, left_out
+
+
+def publish_sweep(folder, dry_run: bool = False, report: bool = True, out=None) -> Path:
+    out = out or sys.stdout
+    folder = Path(folder).expanduser()
+    folder = folder if folder.is_absolute() else PROJECT_ROOT / folder
+    target, todo, left_out = plan(folder)
+    print(f"publish {len(todo)} run(s) of {folder} -> {target}" + (" (dry run)" if dry_run else ""), file=out)
+    for rid, what in todo:
+        print(f"  {rid}: {what}", file=out)
+    for why in left_out:
+        print(f"  not published: {why}", file=out)
+    if dry_run or not todo:
+        return target
+    (target / "runs").mkdir(parents=True, exist_ok=True)
+    for rid, _ in todo:  # the notebook first: a sidecar in place means its run is complete
+        _copy(folder / "runs" / f"{rid}.ipynb", target / "runs" / f"{rid}.ipynb")
+        _copy(folder / "runs" / f"{rid}.json", target / "runs" / f"{rid}.json")
+    if report:
+        print(f"report: {build_report(target)}", file=out)
+    print(f"published; commit {target.relative_to(PROJECT_ROOT) if target.is_relative_to(PROJECT_ROOT) else target} "
+          "to make it the reference", file=out)
+    return target
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m helpers.publish", description=__doc__.split("\n\n")[0])
+    ap.add_argument("folder", help="this machine's sweep folder, e.g. reports/local/default")
+    ap.add_argument("--dry-run", action="store_true", help="list what would be published")
+    ap.add_argument("--no-report", action="store_true", help="copy the runs but do not rebuild the report")
+    a = ap.parse_args(argv)
+    try:
+        publish_sweep(a.folder, dry_run=a.dry_run, report=not a.no_report)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
