@@ -7,6 +7,7 @@ notebook never gains outputs); Playwright's Python API drives Debian's Chromium 
 and that picking another measure in the explorer's dropdown redraws its chart. The screenshot is kept as a
 test artifact: $QLORA_STUDY_ARTIFACTS (default test-artifacts/, which git ignores)/jupyterlab-02_analysis.png.
 """
+import json
 import os
 import shutil
 import signal
@@ -63,6 +64,7 @@ def lab(tmp_path):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"jupyter lab did not start: {(tmp_path / 'lab.log').read_text()[-2000:]}")
                 time.sleep(0.5)
+        _start_session(url, "02_analysis.ipynb")
         yield url
     finally:
         if proc.poll() is None:
@@ -72,6 +74,23 @@ def lab(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def _api(url: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(f"{url}{path}", data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"token {TOKEN}", "Content-Type": "application/json"},
+                                 method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read() or b"{}")
+
+
+def _start_session(url: str, notebook: str) -> None:
+    """The notebook's session and kernel, made through the server's REST API before the page opens: the page then
+    attaches to that kernel instead of racing its own kernel start (which, on a loaded machine, ended in a second
+    kernel and a "Select Kernel" dialog)."""
+    session = _api(url, "/api/sessions", {"path": notebook, "type": "notebook", "name": notebook,
+                                           "kernel": {"name": "python3"}})
+    assert session["kernel"]["id"]
 
 
 def _run_all(page, tries: int = 4) -> None:
