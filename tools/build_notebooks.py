@@ -47,6 +47,8 @@ quant: str = "nf4"             # none | nf4 | fp4 | int8 -- base weights: none i
 dtype: str = "auto"            # auto | bfloat16 | float16 | float32 -- base dtype (quant none) and 4-bit compute dtype;
                                # auto: bfloat16 on a GPU, float32 on a CPU (bf16 is emulated, ~25x slower, on many CPUs)
 double_quant: bool = True      # 4-bit only: also quantize the quantization constants (~0.37 bit/param saved)
+fp32_upcast: bool = False      # quant none only: norms, embeddings and head in float32, the upcast peft gives QLoRA
+                               # (the precision-matched 16-bit arm of parameters/precision.yaml)
 # --- data ---------------------------------------------------------------------------------------
 corpus: str = "pydoc"          # pydoc (ships with Python) | a local .txt / .jsonl | a hub dataset 'owner/name[:config]'
                                # | random-tokens (uniform token ids; synthetic models, and only they, use it)
@@ -134,7 +136,8 @@ print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{no
 from helpers.train import attach_lora, make_trainer
 from transformers import set_seed
 set_seed(seed)
-net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, keep_16bit)
+net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, keep_16bit,
+                  fp32_upcast=fp32_upcast)
 net = levers.apply_to_peft(net, lever_cfg)  # tiled MLPs and torch.compile of each decoder layer, if on
 on_levers = {k: v for k, v in lever_cfg.items() if v}
 print(f"levers: {on_levers or 'none (the plain stack)'}")
