@@ -36,7 +36,7 @@ METRICS = ("load_s", "eval_before_s", "train_s", "eval_after_s", "weights_gib", 
 # Names a sidecar may use for the NVML per-process peak; else it is the maximum of the step rows.
 NVML_PEAK_KEYS = ("peak_nvml_process_used_gib", "nvml_process_used_gib_peak", "peak_nvml_used_gib")
 # The training notebook's parameters, for tables that lost the sweep's own list (summary.attrs['config_keys']).
-CONFIG_KEYS_FALLBACK = ("model", "quant", "dtype", "double_quant", "corpus", "seq_len", "eval_fraction",
+CONFIG_KEYS_FALLBACK = ("model", "quant", "dtype", "double_quant", "fp32_upcast", "corpus", "seq_len", "eval_fraction",
                         "eval_blocks", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
                         "gradient_checkpointing", "max_steps", "batch_size", "grad_accum", "learning_rate",
                         "warmup_steps", "optimizer", "fused_kernels", "torch_compile", "offload_activations",
@@ -953,10 +953,11 @@ def quantization_gap(summary: pd.DataFrame):
 
 
 def flattening_rank(ranks, means, halves) -> float:
-    """The rank where returns flatten: the smallest rank whose mean ppl_after is at or below the upper end of
-    the best rank's 95% interval (best mean + its half width), i.e. not distinguishable from the best at this
-    many seeds. The best rank is the one with the lowest mean. With no interval at the best rank (one seed),
-    only the best rank itself qualifies. NaN if no rank has a mean."""
+    """The unpaired rule the report used before issue 15, kept to trace the old figures in results.md: the
+    smallest rank whose mean ppl_after is at or below the upper end of the best rank's 95% interval. It ignores
+    that runs of one seed share their batch order across ranks, so at 3 seeds it calls ranks equal that are worse
+    in every seed; rank_returns uses FLAT_RULE (paired_rank_table, flattening_rank_paired). NaN if no rank has a
+    mean."""
     t = pd.DataFrame({"r": list(ranks), "m": list(means), "h": list(halves)}).dropna(subset=["r", "m"])
     if t.empty:
         return math.nan
@@ -965,9 +966,74 @@ def flattening_rank(ranks, means, halves) -> float:
     return float(t.loc[t["m"] <= bound, "r"].min())
 
 
+# Where returns flatten, paired by seed within an arm: a rank counts as flat when the upper end of the 95% t
+# interval of its paired difference from the best rank is at most FLAT_MARGIN_PCT. An equivalence rule: a rank
+# must be shown to be at most that much worse, so too few seeds (a wide interval) make no rank flat, unlike "the
+# interval includes 0", which low power passes. The margin, a quarter of a percent of perplexity, is a third of
+# the smallest quantization gap the study reports (int8's 0.8%) and about the seed-to-seed spread of one rank.
+FLAT_MARGIN_PCT = 0.25
+FLAT_RULE = (f"returns flatten at the smallest rank whose paired difference from the arm's best rank (per seed, "
+             f"ppl_after over the best rank's - 1) has a 95% interval ending at or below +{FLAT_MARGIN_PCT:g}%")
+
+
+def paired_differences(rows: pd.DataFrame, col: str, a, b, key_exclude=()) -> pd.DataFrame:
+    """Pairs of runs alike in every config key but those in key_exclude (and the seed, which pairs them): a and b
+    are boolean masks over rows (the two sides); one row per pair with pair (the shared label), seed, a, b and
+    pct = 100 (a / b - 1)."""
+    rows = rows[rows[col].notna()]
+    label = config_labels(rows, exclude=key_exclude) + " · seed " + rows["seed"].astype(str)
+    a, b = a.reindex(rows.index, fill_value=False), b.reindex(rows.index, fill_value=False)
+    va = rows[a].groupby(label[a])[col].mean()
+    vb = rows[b].groupby(label[b])[col].mean()
+    shared = va.index.intersection(vb.index)
+    seed = rows.groupby(label)["seed"].first()
+    out = pd.DataFrame({"pair": shared, "seed": seed[shared].values, "a": va[shared].values, "b": vb[shared].values})
+    out["pct"] = 100 * (out["a"] / out["b"] - 1)
+    return out
+
+
+def paired_summary(pairs: pd.DataFrame) -> dict:
+    """Mean paired difference in % with its 95% t interval over seeds (pairs of one seed averaged first: they
+    share the batch order), and the sign count over all pairs."""
+    per_seed = pairs.groupby("seed")["pct"].mean() if len(pairs) else pd.Series(dtype=float)
+    mean, half, n = mean_ci95(per_seed)
+    return {"n_seeds": n, "n_pairs": len(pairs), "mean_pct": mean, "ci95_pct": half,
+            "lo_pct": mean - half, "hi_pct": mean + half,
+            "worse": int((pairs["pct"] > 0).sum()), "better": int((pairs["pct"] < 0).sum())}
+
+
+def paired_rank_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each rank against the best rank (lowest mean ppl_after) of its arm (the config label without lora_r),
+    paired by seed: n_seeds, mean paired difference in %, its 95% interval, how many seeds it is worse / better
+    in, and whether it is flat by FLAT_RULE. One row per arm and rank, in the sweep's order."""
+    rows, _ = _quality_rows(summary, "ppl_after")
+    cols = ["arm", "lora_r", "best_r", "ppl_after_mean", "n_seeds", "mean_pct", "ci95_pct", "lo_pct", "hi_pct",
+            "worse", "better", "flat"]
+    if rows.empty:
+        return pd.DataFrame(columns=cols)
+    rows = rows.assign(arm=config_labels(rows, exclude=("lora_r",)).values,
+                       lora_r=pd.to_numeric(rows["lora_r"], errors="coerce"))
+    out = []
+    for arm, g in rows.groupby("arm", sort=False):
+        means = g.groupby("lora_r")["ppl_after"].mean()
+        best = means.idxmin()
+        for r in sorted(means.index):
+            s = paired_summary(paired_differences(g, "ppl_after", g["lora_r"] == r, g["lora_r"] == best,
+                                                  key_exclude=("lora_r",)))
+            flat = bool(r == best or (s["n_seeds"] >= 2 and s["hi_pct"] <= FLAT_MARGIN_PCT))
+            out.append({"arm": arm, "lora_r": r, "best_r": best, "ppl_after_mean": means[r], **s, "flat": flat})
+    return pd.DataFrame(out)[cols]
+
+
+def flattening_rank_paired(table: pd.DataFrame) -> float:
+    """FLAT_RULE on one arm's rows of paired_rank_table: the smallest flat rank (the best rank always is)."""
+    flat = table.loc[table["flat"].astype(bool), "lora_r"]
+    return float(flat.min()) if len(flat) else math.nan
+
+
 def rank_returns(summary: pd.DataFrame):
     """Mean ppl_after (95% interval across seeds) against LoRA rank, one line per quantization (and any other
-    varying key), with the rank where returns flatten marked (helpers.analysis.flattening_rank's rule)."""
+    varying key), with the rank where returns flatten marked (FLAT_RULE: paired by seed against the arm's best)."""
     problem = repeats_problem(summary)
     if problem:
         return None, f"No rank-returns chart: {problem}."
@@ -977,15 +1043,15 @@ def rank_returns(summary: pd.DataFrame):
     t["series"] = [series[c] for c in t.index]
     if t["lora_r"].nunique() < 2:
         return None, "No rank-returns chart: the sweep has one LoRA rank." + note
+    paired = paired_rank_table(summary)
     fig = go.Figure()
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    flat = {}
+    parts = []
     for i, (name, g) in enumerate(t.groupby("series", sort=False)):
         g = g.sort_values("lora_r")
         color = palette[i % len(palette)]
-        r_flat = flattening_rank(g["lora_r"], g["ppl_after_mean"], g["ppl_after_ci95"])
-        best = g.loc[g["ppl_after_mean"].idxmin()]
-        flat[name] = (r_flat, best["lora_r"], g["lora_r"].min())
+        p = paired[paired["arm"] == name]
+        r_flat = flattening_rank_paired(p)
         fig.add_trace(go.Scatter(x=g["lora_r"], y=g["ppl_after_mean"], mode="lines+markers", name=name,
                                  line=dict(color=color), error_y=dict(type="data", array=g["ppl_after_ci95"]),
                                  hovertemplate="r=%{x}<br>ppl_after %{y:.3f}<extra></extra>"))
@@ -994,19 +1060,19 @@ def rank_returns(summary: pd.DataFrame):
             fig.add_trace(go.Scatter(x=[r_flat], y=[y], mode="markers", showlegend=False,
                                      marker=dict(symbol="star", size=16, color=color, line=dict(color="black", width=1)),
                                      hovertemplate=f"{name}: returns flatten at r{r_flat:g}<extra></extra>"))
-    fig.update_layout(title="Perplexity after training vs LoRA rank (★: where returns flatten)",
+        best = p["best_r"].iloc[0]
+        below = p[p["lora_r"] < r_flat]
+        words = f"{name} r{r_flat:g} (best r{best:g}"
+        if len(below):
+            worst = below.iloc[-1]  # the next rank down: the one the rule turned away
+            words += (f"; r{worst['lora_r']:g} {worst['mean_pct']:+.2f}% "
+                      f"[{worst['lo_pct']:+.2f}, {worst['hi_pct']:+.2f}], worse in {worst['worse']} of "
+                      f"{worst['worse'] + worst['better']} seeds")
+        parts.append(words + ")")
+    fig.update_layout(title="Perplexity after training vs LoRA rank (★: where returns flatten, paired by seed)",
                       xaxis_title="lora_r", yaxis_title="ppl_after (mean, 95% interval)", xaxis_type="log",
                       xaxis=dict(tickvals=sorted(t["lora_r"].unique())), height=450)
-    parts = []
-    for name, (r_flat, r_best, r_min) in flat.items():
-        if r_flat == r_min:
-            parts.append(f"{name} r{r_flat:g} (the smallest rank tried: no higher rank is better beyond its interval)")
-        elif r_flat == r_best:
-            parts.append(f"{name} r{r_flat:g} (the best rank; every lower rank is worse beyond its interval)")
-        else:
-            parts.append(f"{name} r{r_flat:g} (within the interval of its best, r{r_best:g})")
-    line = ("Returns flatten (smallest rank whose mean ppl_after is within the best rank's 95% interval): "
-            + "; ".join(parts))
+    line = f"Rule: {FLAT_RULE}. " + "; ".join(parts)
     return fig, line + "." + note + _q4_1_note(rows)
 
 
