@@ -731,6 +731,66 @@ def loss_gap(a, b) -> float | None:
     return max(abs(la[s] - lb[s]) / abs(la[s]) for s in common) if common else None
 
 
+# The lever check: a lever run against the plain run of the same seed and data (the same batches in the same order).
+# loss_gap cannot fail where the loss barely moves (random weights on random tokens: a lever that zeroed every
+# gradient would pass it), so the check asks what a broken lever cannot give: the same *fall* of the training loss
+# and the same held-out perplexity after training, and says "cannot tell" where the plain run learned too little.
+CHECK_WINDOW = 0.1      # the first and last 10% of the logged steps (at least one) give the loss's start and end
+CHECK_MIN_FALL = 0.10   # the plain run's loss must fall by >= 10% of its start, else no lever can be told apart
+CHECK_FALL_TOL = 0.05   # pass: the lever's fall is 95-105% of the plain run's ...
+CHECK_PPL_TOL = 0.01    # ... and its ppl_after within 1% of the plain run's
+CHECK_RULE = (f"pass: the plain run's training loss fell >= {100 * CHECK_MIN_FALL:g}% (mean of the first vs the last "
+              f"{100 * CHECK_WINDOW:g}% of the logged steps), the lever's fell {100 * (1 - CHECK_FALL_TOL):g}–"
+              f"{100 * (1 + CHECK_FALL_TOL):g}% as much over the same steps, and its held-out perplexity after "
+              f"training is within {100 * CHECK_PPL_TOL:g}% of the plain run's")
+
+
+def _losses(h) -> dict:
+    rows = h.to_dict("records") if isinstance(h, pd.DataFrame) else h
+    return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None and not pd.isna(r["loss"])}
+
+
+def lever_check(plain_history, lever_history, plain_ppl_after=None, lever_ppl_after=None) -> dict:
+    """CHECK_RULE for one lever run against its plain run (history rows: dicts or a DataFrame with step and loss).
+    Returns plain_fall_pct (how far the plain run's loss fell, % of its start), fall_kept (the lever's fall over the
+    plain run's, on the steps both logged), ppl_after_x (the lever's ppl_after over the plain run's), and verdict:
+    'pass', 'FAIL', or 'cannot tell' (too few shared steps, no ppl_after, or a plain run that learned too little),
+    with why."""
+    out = {"plain_fall_pct": math.nan, "fall_kept": math.nan, "ppl_after_x": math.nan}
+    lp, ll = _losses(plain_history), _losses(lever_history)
+    common = sorted(set(lp) & set(ll))
+    if len(common) < 2:
+        return {**out, "verdict": "cannot tell", "why": f"{len(common)} logged step(s) in common"}
+    k = max(1, round(CHECK_WINDOW * len(common)))
+    first, last = common[:k], common[-k:]
+
+    def fall(losses):
+        return sum(losses[s] for s in first) / k - sum(losses[s] for s in last) / k
+    start = sum(lp[s] for s in first) / k
+    out["plain_fall_pct"] = 100 * fall(lp) / abs(start) if start else math.nan
+    if fall(lp) > 0:
+        out["fall_kept"] = fall(ll) / fall(lp)
+    if plain_ppl_after is not None and lever_ppl_after is not None and not pd.isna(plain_ppl_after) \
+            and not pd.isna(lever_ppl_after):
+        out["ppl_after_x"] = lever_ppl_after / plain_ppl_after
+    if not out["plain_fall_pct"] >= 100 * CHECK_MIN_FALL:
+        why = (f"the plain run's loss fell {out['plain_fall_pct']:.3g}% (< {100 * CHECK_MIN_FALL:g}%): a lever that "
+               "trained nothing would look the same")
+        return {**out, "verdict": "cannot tell", "why": why}
+    problems = []
+    if not abs(out["fall_kept"] - 1) <= CHECK_FALL_TOL:
+        problems.append(f"its loss fell {out['fall_kept']:.3f}x as much as the plain run's")
+    if math.isnan(out["ppl_after_x"]):
+        if not problems:
+            return {**out, "verdict": "cannot tell", "why": "no ppl_after for one of the two runs"}
+    elif not abs(out["ppl_after_x"] - 1) <= CHECK_PPL_TOL:
+        problems.append(f"its ppl_after is {out['ppl_after_x']:.4f}x the plain run's")
+    if problems:
+        return {**out, "verdict": "FAIL", "why": "; ".join(problems)}
+    return {**out, "verdict": "pass", "why": (f"loss fell {out['fall_kept']:.3f}x the plain run's "
+                                              f"{out['plain_fall_pct']:.1f}%, ppl_after {out['ppl_after_x']:.4f}x")}
+
+
 def lever_table(summary: pd.DataFrame, history: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per finished run that differs from the plain stack only by levers, against the plain run of the
     same configuration (same quant, shape, batch, rank, budget): tokens/s, peak reserved memory and energy per
