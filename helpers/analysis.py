@@ -129,6 +129,7 @@ def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary["synthetic"] = [is_synthetic(r) for r in summary.to_dict("records")]
     summary = _sort_runs(summary)
     summary.attrs["config_keys"] = sorted(_config_keys(records))
+    _fill_defaults(summary, summary.attrs["config_keys"])
     summary["config"] = config_labels(summary)
     summary = summary.reset_index(drop=True)
 
@@ -147,22 +148,35 @@ def load_sweeps(sweep_dirs) -> tuple[pd.DataFrame, pd.DataFrame]:
     whose arms were run as separate sweeps (parameters/precision.yaml's new cells beside reports/quality's). A
     config key that a sweep's sidecars lack (recorded before it existed) takes the training notebook's default,
     which is what those runs used."""
-    from .sweep import notebook_parameters
-
     parts = [(Path(d).name, *load_sweep(d)) for d in sweep_dirs]
     keys = sorted(set().union(*(s.attrs["config_keys"] for _, s, _ in parts)))
     summary = pd.concat([s.assign(sweep=name) for name, s, _ in parts], ignore_index=True)
     history = pd.concat([h for _, _, h in parts if not h.empty] or [parts[0][2]], ignore_index=True)
-    defaults = {k: p["default"] for k, p in notebook_parameters().items()}
-    has_config = summary["quant"].notna()
-    for k in keys:
-        if k in defaults and k in summary.columns:
-            summary.loc[has_config & summary[k].isna(), k] = defaults[k]
-        elif k in defaults:
-            summary[k] = [defaults[k] if c else None for c in has_config]
+    _fill_defaults(summary, keys)
     summary.attrs["config_keys"] = keys
     summary["config"] = config_labels(summary)
     return summary, history
+
+
+def _fill_defaults(summary: pd.DataFrame, keys) -> None:
+    """A config key that a run's sidecar lacks (recorded before the parameter existed) takes the training
+    notebook's default, which is what that run used; else an old plain run and a new run with the key on would
+    get one label (pandas' nunique does not count a missing value)."""
+    from .sweep import notebook_parameters
+
+    defaults = {k: p["default"] for k, p in notebook_parameters().items()}
+    has_config = summary["quant"].notna()
+    for k in keys:
+        if k not in defaults:
+            continue
+        if k not in summary.columns:
+            summary[k] = None
+        missing = has_config & summary[k].isna()
+        if missing.any():
+            summary[k] = summary[k].astype(object)
+            summary.loc[missing, k] = defaults[k]
+            if isinstance(defaults[k], (int, float)) and not isinstance(defaults[k], bool):
+                summary[k] = pd.to_numeric(summary[k], errors="coerce")  # one type: 0 and 0.0 are one value
 
 
 def _config_keys(records) -> set:
@@ -230,11 +244,12 @@ def _by_config(df: pd.DataFrame, cols) -> pd.DataFrame:
 
 
 def _vs_16bit(rows: pd.DataFrame, col: str) -> dict:
-    """{quant: median ratio of col to the 16-bit arm's (quant none)}, over configurations alike in all but quant."""
+    """{quant: median ratio of col to the 16-bit arm's (quant none)}, over configurations alike in all but quant
+    and run on one machine (machine_keys)."""
     rows = rows[rows[col].notna()]
     if rows.empty or not (rows["quant"] == "none").any():
         return {}
-    key = config_labels(rows, exclude=("quant",))
+    key = config_labels(rows, exclude=("quant",)) + " @ " + machine_keys(rows)  # ratios within one machine only
     base = rows[rows["quant"] == "none"].groupby(key[rows["quant"] == "none"])[col].median()
     out = {}
     for quant in [q for q in QUANT_ORDER if q != "none"] + sorted(set(rows["quant"]) - set(QUANT_ORDER)):
@@ -311,14 +326,15 @@ def plan_status(sweep_dir, summary: pd.DataFrame, sweep_file=None) -> str:
 
 
 def run_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Every run with its outcome (the charts hold the figures); failed and corrupt runs included and marked."""
+    """Every run with its outcome (the charts hold the figures); failed and corrupt runs included and marked. A run
+    that shared the device shows no tokens/s (not its own)."""
     cols = ["config", "vram_budget_gib", "seed", "status", "notebook", "tokens_per_s", "ppl_after", "error", "run_id"]
     t = summary[[c for c in cols if c in summary.columns]].copy()
     t["config"] = t["config"].fillna("(no config)")
     problems = [e if isinstance(e, str) else n if isinstance(n, str) else ""
                 for e, n in zip(summary["error"], summary.get("notebook_error", summary["error"]))]
     t["error"] = [p if len(p) <= 100 else p[:97] + "..." for p in problems]
-    t["tokens_per_s"] = t["tokens_per_s"].round(2)
+    t["tokens_per_s"] = t["tokens_per_s"].round(2).mask(side_by_side(summary))  # shared device: not the run's own
     t["ppl_after"] = t["ppl_after"].round(3)
     if "synthetic" in summary.columns:  # random weights: a perplexity, but no quality figure
         t.loc[summary["synthetic"].fillna(False).astype(bool).values, "ppl_after"] = None
@@ -388,22 +404,75 @@ def feasibility_matrix(summary: pd.DataFrame):
     return fig, line + "."
 
 
-def side_by_side_note(rows: pd.DataFrame) -> str:
-    """The caveat for cost figures of runs that shared the device (helpers.sweep --jobs N), else ""."""
-    n = pd.to_numeric(rows.get("env_side_by_side", pd.Series(dtype=float)), errors="coerce").max()
-    if not n > 1:  # also NaN: sidecars from before the field, or none recorded
+# --- whose costs: side-by-side runs and machines ------------------------------------------------------------
+
+UNKNOWN_MACHINE = "machine not recorded"
+
+
+def machine_labels(rows: pd.DataFrame) -> pd.Series:
+    """Which machine each run ran on (helpers.runs.machine): host and boot id (a reboot or a new lease of the same
+    host is another machine for timing), and the GPU's UUID where recorded; None where the sidecar predates them."""
+    def one(r):
+        host, boot, gpu = r.get("env_host"), r.get("env_boot_id"), r.get("env_gpu_uuid")
+        if not isinstance(host, str) or not isinstance(boot, str) or not host or not boot:
+            return None
+        return f"{host} · boot {boot[:8]}" + (f" · {gpu}" if isinstance(gpu, str) and gpu else "")
+    return pd.Series([one(r) for r in rows.to_dict("records")], index=rows.index, dtype=object)
+
+
+def machine_keys(rows: pd.DataFrame) -> pd.Series:
+    """machine_labels with the unrecorded ones as one group, UNKNOWN_MACHINE: a ratio is taken within a key only."""
+    return machine_labels(rows).fillna(UNKNOWN_MACHINE)
+
+
+def machines_note(rows: pd.DataFrame) -> str:
+    """'' when every run recorded one and the same machine; else the sentence that says the rows mix machines
+    (ratios were taken within one only) and/or that some recorded none (whether they shared one is not known)."""
+    if rows.empty:
         return ""
-    return (f" Caveat: these runs went up to {int(n)} side by side on one device (helpers.sweep --jobs), so time, "
-            "throughput and energy are shared figures, not one run's alone; torch's per-process memory peaks still "
-            "hold, NVML's device-wide ones do not.")
+    m = machine_labels(rows)
+    known, unknown = list(dict.fromkeys(m.dropna())), int(m.isna().sum())
+    out = ""
+    if len(known) > 1:
+        out += (f" Mixed machines: these runs ran on {len(known)} machines ({'; '.join(known)}); cost ratios are "
+                "taken only between runs of one machine.")
+    if unknown:
+        out += (f" Machine unknown for {unknown} of {len(rows)} run(s) (sidecars from before host and boot id were "
+                "recorded): that the runs compared shared one machine is assumed, not checked.")
+    return out
+
+
+def side_by_side(rows: pd.DataFrame) -> pd.Series:
+    """True for runs that shared the device with others (helpers.sweep --jobs N, sidecar env side_by_side > 1):
+    their time, speed and energy are not their own. A sidecar without the field counts as alone."""
+    n = pd.to_numeric(rows.get("env_side_by_side", pd.Series(index=rows.index, dtype=float)), errors="coerce")
+    return (n > 1).reindex(rows.index, fill_value=False)
+
+
+def own_costs(rows: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose time, speed and energy are their own: not side by side."""
+    return rows[~side_by_side(rows)]
+
+
+def side_by_side_note(rows: pd.DataFrame) -> str:
+    """Why runs are missing from a cost figure: they went side by side on one device; '' when none did."""
+    shared = side_by_side(rows)
+    if not shared.any():
+        return ""
+    n = int(pd.to_numeric(rows.loc[shared, "env_side_by_side"], errors="coerce").max())
+    return (f" {int(shared.sum())} of {len(rows)} run(s) went up to {n} side by side on one device (helpers.sweep "
+            "--jobs): their time, throughput and energy are the device's, not theirs, and are left out (quality "
+            "only); torch's per-process memory peaks still hold, NVML's device-wide ones do not.")
 
 
 def peak_memory(summary: pd.DataFrame):
     """Weights after load and peak memory per configuration: torch allocated / reserved and NVML on a GPU;
     peak resident memory of the process on a CPU."""
-    ok = _ok(summary)
+    ok = _ok(summary).copy()
     if ok.empty:
         return None, "No memory chart: no run in this sweep finished."
+    # side by side, NVML's readings (and the estimate built on them) can include the other runs' memory
+    ok.loc[side_by_side(ok), ["peak_nvml_process_used_gib", "peak_process_est_gib"]] = math.nan
     # NVML has no peak counter (step-end readings can miss the peak); the estimate is torch's exact reserved
     # peak plus the largest non-torch memory NVML saw (CUDA context, cuBLAS, bitsandbytes' paged memory)
     gpu = [("peak_allocated_gib", "peak allocated (torch)"), ("peak_reserved_gib", "peak reserved (torch)"),
@@ -440,10 +509,15 @@ def peak_memory(summary: pd.DataFrame):
 
 
 def throughput(summary: pd.DataFrame):
-    """Steady-state tokens/s, and wall-clock per phase (load, eval before, train, eval after)."""
+    """Steady-state tokens/s, and wall-clock per phase (load, eval before, train, eval after), of the runs that had
+    the device to themselves; ratios only between runs of one machine."""
     ok = _ok(summary)
     if ok.empty or ok["tokens_per_s"].isna().all():
         return None, "No throughput chart: no finished run recorded its speed."
+    shared_note = side_by_side_note(ok)
+    ok = own_costs(ok)
+    if ok.empty:
+        return None, "No throughput chart: every finished run shared the device, so no speed is a run's own." + shared_note
     phases = [("load_s", "load"), ("eval_before_s", "eval before"), ("train_s", "train"), ("eval_after_s", "eval after")]
     phases = [p for p in phases if ok[p[0]].notna().any()]
     med = _by_config(ok, ["tokens_per_s"] + [p[0] for p in phases])
@@ -470,7 +544,7 @@ def throughput(summary: pd.DataFrame):
     if "train_s" in med.columns and med["train_s"].notna().any():
         t = med["train_s"].dropna()
         line += f"; training took {t.min():.0f}–{t.max():.0f} s" if len(t) > 1 else f"; training took {t.iloc[0]:.0f} s"
-    return fig, line + "." + side_by_side_note(ok)
+    return fig, line + "." + shared_note + machines_note(ok)
 
 
 def _quality_rows(summary: pd.DataFrame, col: str):
@@ -625,10 +699,12 @@ def cost_quality(summary: pd.DataFrame):
     """Perplexity after training against training time, and against energy where it was measured.
     The line joins the Pareto front: configurations no other one beats on both cost and quality."""
     rows, note = _quality_rows(summary, "ppl_after")
-    rows = rows[rows["train_s"].notna()]
+    shared_note = side_by_side_note(rows)
+    rows = own_costs(rows[rows["train_s"].notna()])
     if rows.empty:
         why = "every finished run is synthetic" if note else "no finished run has both a perplexity and a training time"
-        return None, f"No cost-quality chart: {why}.{note}"
+        why = "every run shared the device, so no training time or energy is a run's own" if shared_note else why
+        return None, f"No cost-quality chart: {why}.{note}{shared_note}"
     med = _by_config(rows, ["train_s", "energy_j", "ppl_after"])
     axes = [("train_s", "training time, s")]
     if med["energy_j"].notna().any():
@@ -666,7 +742,7 @@ def cost_quality(summary: pd.DataFrame):
     line += f"; {len(dominated)} of {len(med)} configurations are beaten on both"
     if "energy_j" in fronts:
         line += f"; energy front: {', '.join(fronts['energy_j'])}"
-    return fig, line + "." + note + _q4_1_note(rows) + side_by_side_note(rows)
+    return fig, line + "." + note + _q4_1_note(rows) + shared_note + machines_note(rows)
 
 
 def energy_per_token(summary: pd.DataFrame):
@@ -674,7 +750,10 @@ def energy_per_token(summary: pd.DataFrame):
     ok = _ok(summary)
     if ok.empty:
         return None, "No energy chart: no run in this sweep finished."
-    rows = ok[ok["energy_j_per_1k_tokens"].notna()]
+    shared_note = side_by_side_note(ok)
+    rows = own_costs(ok[ok["energy_j_per_1k_tokens"].notna()])
+    if rows.empty and shared_note:
+        return None, "No energy chart: every run shared the device, whose energy counter is not one run's." + shared_note
     if rows.empty:
         if _on_cpu_only(ok):
             return None, "No energy chart: this sweep ran on a CPU, which has no energy counter (energy is absent, not zero)."
@@ -696,10 +775,10 @@ def energy_per_token(summary: pd.DataFrame):
         line += "; vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {r:.2f}x" for q, r in ratios.items())
     if "nvml_power_sampled" in sources:
         line += "; some runs' energy is sampled power x step time, not the counter"
-    skipped = len(ok) - len(rows)
+    skipped = len(own_costs(ok)) - len(rows)
     if skipped:
         line += f"; {skipped} finished run(s) have no energy figure"
-    return fig, line + "." + side_by_side_note(rows)
+    return fig, line + "." + shared_note + machines_note(rows)
 
 
 # --- speed and memory levers (parameters/levers.yaml, benchmarks/fast_arm.py) --------------------------------
@@ -792,45 +871,63 @@ def lever_check(plain_history, lever_history, plain_ppl_after=None, lever_ppl_af
 
 
 def lever_table(summary: pd.DataFrame, history: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per finished run that differs from the plain stack only by levers, against the plain run of the
-    same configuration (same quant, shape, batch, rank, budget): tokens/s, peak reserved memory and energy per
-    1k tokens, each with its ratio (memory: difference) to plain. Energy twice: over the whole training window
-    (compilation and warm-up included, what a short run costs) and over the steady steps tokens/s counts (what
-    a token costs in a long run; NaN for runs recorded before steps carried their own energy). With history
-    (load_sweep's second table), loss_gap_pct: the largest relative difference of the training loss at any logged
-    step against the plain run (the first by run id where there are several), in percent. Empty when no such pair
-    exists."""
+    """One row per finished run that differs from the plain stack only by levers, against the plain runs of the
+    same configuration (same quant, shape, batch, rank, budget) *on the same machine* (machine_keys; a sidecar
+    without one is on UNKNOWN_MACHINE): tokens/s, peak reserved memory and energy per 1k tokens, each with its
+    ratio (memory: difference) to plain; `machine` says which. Energy twice: over the whole training window
+    (compilation and warm-up included, what a short run costs) and over the steady steps tokens/s counts (what a
+    token costs in a long run; NaN for runs recorded before steps carried their own energy). A run that shared
+    the device (side_by_side) has no speed or energy of its own: NaN. With history (load_sweep's second table),
+    the equivalence check against the plain run of the same configuration and seed (any machine; the first by run
+    id where there are several): loss_gap_pct (the largest relative difference of the training loss at any logged
+    step, in percent), and lever_check's fall_kept, ppl_after_x and check (pass / FAIL / cannot tell, CHECK_RULE).
+    Empty when no such pair exists."""
     from .sweep import notebook_parameters
 
     plain = {k: p["default"] for k, p in notebook_parameters().items() if k in LEVER_KEYS}
     ok = _ok(summary).copy()
-    cols = ["quant", "levers", "tokens_per_s", "speed_x", "peak_reserved_gib", "reserved_vs_plain_gib",
+    cols = ["quant", "levers", "machine", "tokens_per_s", "speed_x", "peak_reserved_gib", "reserved_vs_plain_gib",
             "energy_j_per_1k_tokens", "energy_x", "energy_steady_j_per_1k_tokens", "energy_steady_x"]
     if history is not None:
-        cols.append("loss_gap_pct")
+        cols += ["loss_gap_pct", "fall_kept", "ppl_after_x", "check"]
     if ok.empty:
         return pd.DataFrame(columns=cols)
     figures = ["tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens"]
-    for k in figures:
+    for k in figures + ["ppl_after"]:
         if k not in ok:
             ok[k] = float("nan")
+    ok.loc[side_by_side(ok), ["tokens_per_s", "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens"]] = math.nan
     ok["levers"] = [_lever_label(r, plain) for r in ok.to_dict("records")]
     ok["context"] = config_labels(ok, exclude=LEVER_KEYS).values
-    base = ok[ok["levers"] == "plain"].groupby("context")[figures].median()
-    rows = ok[ok["context"].isin(base.index)]
+    ok["machine"] = machine_keys(ok).values
+    is_plain = ok["levers"] == "plain"
+    rows = ok[ok["context"].isin(set(ok.loc[is_plain, "context"]))]
     if rows["levers"].eq("plain").all():
         return pd.DataFrame(columns=cols)
-    out = rows[["quant", "levers", "context", "run_id", *figures]].copy()
-    ref = base.reindex(out["context"]).set_index(out.index)
+    base = ok[is_plain].groupby(["context", "machine"])[figures].median()  # cost ratios within one machine only
+    out = rows[["quant", "levers", "context", "machine", "run_id", "seed", "ppl_after", *figures]].copy()
+    ref = base.reindex(pd.MultiIndex.from_frame(out[["context", "machine"]])).set_index(out.index)
     out["speed_x"] = out["tokens_per_s"] / ref["tokens_per_s"]
     out["reserved_vs_plain_gib"] = out["peak_reserved_gib"] - ref["peak_reserved_gib"]
     out["energy_x"] = out["energy_j_per_1k_tokens"] / ref["energy_j_per_1k_tokens"]
     out["energy_steady_x"] = out["energy_steady_j_per_1k_tokens"] / ref["energy_steady_j_per_1k_tokens"]
     if history is not None:
         steps = {rid: h for rid, h in history.groupby("run_id")} if not history.empty else {}
-        first_plain = out[out["levers"] == "plain"].sort_values("run_id").groupby("context")["run_id"].first()
-        gaps = [loss_gap(steps.get(first_plain[c], []), steps.get(rid, [])) for c, rid in zip(out["context"], out["run_id"])]
+        plains = out[out["levers"] == "plain"].sort_values("run_id")
+        first_plain = plains.groupby(["context", "seed"])["run_id"].first()
+        ppl = out.set_index("run_id")["ppl_after"]
+        gaps, checks = [], []
+        for c, seed, rid in zip(out["context"], out["seed"], out["run_id"]):
+            ref_id = first_plain.get((c, seed))
+            ref_h = steps.get(ref_id, []) if ref_id is not None else []
+            gaps.append(loss_gap(ref_h, steps.get(rid, [])))
+            checks.append(lever_check(ref_h, steps.get(rid, []), ppl.get(ref_id), ppl[rid]) if ref_id is not None
+                          else {"fall_kept": math.nan, "ppl_after_x": math.nan, "verdict": "cannot tell"})
         out["loss_gap_pct"] = [float("nan") if g is None else 100 * g for g in gaps]
+        out["fall_kept"] = [c["fall_kept"] for c in checks]
+        out["ppl_after_x"] = [c["ppl_after_x"] for c in checks]
+        out["check"] = [c["verdict"] for c in checks]
+        out.loc[out["levers"] == "plain", "check"] = "reference"
     out["is_plain"] = out["levers"] == "plain"  # plain first in each configuration, then fastest first
     out = out.sort_values(["context", "is_plain", "speed_x"], ascending=[True, False, False])
     return out.set_index("context")[cols]
@@ -868,7 +965,14 @@ def lever_effects(summary: pd.DataFrame, table: pd.DataFrame | None = None):
                                                    slower[["quant", "levers", "speed_x"]].values)
     line += ". One run per arm: differences inside run-to-run noise (see the sweep) are not resolved; " \
             "benchmarks/fast_arm.py measures plain vs optimised in interleaved pairs"
-    return fig, line + "." + side_by_side_note(_ok(summary))
+    if "check" in table.columns:
+        verdicts = runs_["check"].value_counts()
+        line += (f". Equivalence ({CHECK_RULE}): " + ", ".join(f"{n} {v}" for v, n in verdicts.items()))
+        failed = runs_[runs_["check"] == "FAIL"]
+        if len(failed):
+            line += " (FAIL: " + ", ".join(f"{q} · {lv}" for q, lv in failed[["quant", "levers"]].values) + ")"
+    ok = _ok(summary)
+    return fig, line + "." + side_by_side_note(ok) + machines_note(ok)
 
 
 CHARTS = (feasibility_matrix, peak_memory, throughput, perplexity_vs_rank, cost_quality, energy_per_token)
@@ -1259,9 +1363,16 @@ def cost_quality_frontier(summary: pd.DataFrame):
         return None, f"No cost-quality frontier with intervals: {problem}."
     rows, note = _quality_rows(summary, "ppl_after")
     t = ppl_ci_table(summary)
-    cost = rows.groupby("config", sort=False)[["train_s"] + [c for c, _ in MEMORY_COLS]].median().reindex(t.index)
+    costs = rows.copy()  # side by side: no training time, no NVML figure is a run's own; torch's peaks are
+    shared = side_by_side(costs)
+    costs.loc[shared, ["train_s", "peak_process_est_gib", "peak_nvml_process_used_gib"]] = math.nan
+    cost = costs.groupby("config", sort=False)[["train_s"] + [c for c, _ in MEMORY_COLS]].median().reindex(t.index)
     mem = next(((c, label) for c, label in MEMORY_COLS if cost[c].notna().all()), None)
-    axes = [("train_s", "training time, s")] + ([mem] if mem else [])
+    time_axis = [("train_s", "training time, s")] if cost["train_s"].notna().all() else []
+    axes = time_axis + ([mem] if mem else [])
+    if not axes:
+        return None, ("No cost-quality frontier: no cost measure covers every configuration (runs side by side have "
+                      "no training time of their own)." + side_by_side_note(rows))
     fig = make_subplots(rows=1, cols=len(axes), shared_yaxes=True, subplot_titles=[a[1] for a in axes])
     fronts = {}
     for i, (col, label) in enumerate(axes, start=1):
@@ -1286,12 +1397,13 @@ def cost_quality_frontier(summary: pd.DataFrame):
             s += (f", {f[-1]} best ({cost.loc[f[-1], col]:.2f}{unit}, ppl "
                   f"{_ci_words(t.loc[f[-1], 'ppl_after_mean'], t.loc[f[-1], 'ppl_after_ci95'])})")
         return s + f", {len(f)} of {len(t)} configurations on the front"
-    line = "Time front: " + describe("train_s", " s")
-    if mem:
-        line += f"; memory front ({mem[0]}): " + describe(mem[0], " GiB")
-    else:
-        line += "; no memory measure covers every configuration"
-    return fig, line + "." + note + _q4_1_note(rows) + side_by_side_note(rows)
+    parts = ["time front: " + describe("train_s", " s") if time_axis else
+             "no time front (runs side by side have no training time of their own)"]
+    parts.append(f"memory front ({mem[0]}): " + describe(mem[0], " GiB") if mem else
+                 "no memory measure covers every configuration")
+    line = "; ".join(parts)
+    line = line[0].upper() + line[1:]
+    return fig, line + "." + note + _q4_1_note(rows) + side_by_side_note(rows) + machines_note(own_costs(rows))
 
 
 REPEAT_CHARTS = (perplexity_ci, quantization_gap, rank_returns, cost_quality_frontier)
