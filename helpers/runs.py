@@ -351,7 +351,8 @@ def finish(run: dict) -> Path:
 SUMMARY_KEYS = [
     ("status", "status"), ("params_trainable", "trainable params"), ("params_total", "total params"),
     ("weights_gib", "weights (GiB)"), ("load_s", "load (s)"), ("train_s", "train (s)"),
-    ("step_time_median_s", "median step (s)"), ("tokens_per_s", "tokens/s (steady)"),
+    ("step_time_median_s", "median step (s)"), ("tokens_per_s", "tokens/s (steady steps)"),
+    ("tokens_per_s_window", "tokens/s (steady window, between-step work included)"),
     ("peak_rss_gib", "peak RSS (GiB)"), ("peak_allocated_gib", "peak allocated (GiB)"),
     ("peak_reserved_gib", "peak reserved (GiB)"), ("peak_nvml_process_used_gib", "peak NVML process used (GiB)"),
     ("non_torch_peak_gib", "non-torch incl. CUDA context (GiB)"), ("peak_process_est_gib", "process peak est. (GiB)"),

@@ -109,7 +109,8 @@ def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, 
     """A Trainer set up for a fixed number of optimizer steps, no checkpoints, no reporting.
 
     levers (helpers.levers): with offload_activations or chunked_loss on, the loss goes through them; with
-    both off it is transformers' own Trainer, the plain reference."""
+    both off it is transformers' own Trainer, the plain reference. Either way it counts each step's loss tokens
+    for a StepTelemetry among the callbacks (counting)."""
     from transformers import Trainer, TrainingArguments
 
     from .levers import lever_trainer_class
@@ -140,5 +141,23 @@ def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, 
     kw = dict(model=model, args=args, train_dataset=BlockDataset(train_blocks), callbacks=list(callbacks))
     levers = levers or {}
     if levers.get("offload_activations") or levers.get("chunked_loss"):
-        return lever_trainer_class()(**kw, levers=levers, on_gpu=on_gpu)
-    return Trainer(**kw)
+        return counting(lever_trainer_class())(**kw, levers=levers, on_gpu=on_gpu)
+    return counting(Trainer)(**kw)
+
+
+def counting(trainer_class):
+    """trainer_class that hands each optimizer step's micro-batches, as it fetches them (before on_step_begin), to
+    its StepTelemetry callbacks, so a step's tokens are the loss tokens it held (an epoch's last batch holds
+    fewer blocks). It only looks: the training is trainer_class's."""
+    from .telemetry import StepTelemetry
+
+    class CountingTrainer(trainer_class):
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, StepTelemetry):
+                    cb.count_batches(batches)
+            return batches, num_items
+
+    CountingTrainer.__name__ = CountingTrainer.__qualname__ = f"Counting{trainer_class.__name__}"
+    return CountingTrainer

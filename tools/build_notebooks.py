@@ -144,11 +144,12 @@ print(f"levers: {on_levers or 'none (the plain stack)'}")
 run["metrics"]["params_trainable"], _ = models.count_parameters(net)
 print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
-    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
+    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, the loss tokens the step held, loss, LR, memory incl. NVML); "
+       "tokens/s over the steady steps alone and over their whole window (first steady step's start to the last's end); "
        "energy from NVML's counter over the training window on a GPU. Memory peaks: torch (allocated, reserved), NVML "
        "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
-steps = telemetry.StepTelemetry(run["device"], tokens_per_step=batch_size * grad_accum * (seq_len - 1))
+steps = telemetry.StepTelemetry(run["device"])  # counts each step's loss tokens as the Trainer fetches its batches
 callbacks = [steps]
 if eval_every:  # held-out perplexity during training; its time and energy are left out of the training figures
     from helpers.evaluate import held_out_curve
@@ -162,7 +163,8 @@ run["history"] = steps.history
 run["metrics"].update(steps.summary(timing_warmup_steps))
 runs.record_memory(run, steps)
 m = run["metrics"]
-print(f"{m['tokens_per_s']:.0f} tokens/s steady, median step {m['step_time_median_s']:.3f} s")
+print(f"{m['tokens_per_s']:.0f} tokens/s over the steady steps ({m['tokens_per_s_window']:.0f} over their whole window, "
+      f"between-step work included), median step {m['step_time_median_s']:.3f} s")
 if m["peak_reserved_gib"] is not None:
     print(f"peak torch reserved {m['peak_reserved_gib']:.2f} GiB + non-torch {m['non_torch_peak_gib'] or float('nan'):.2f} GiB "
           f"(CUDA context {m['cuda_context_gib'] or float('nan'):.2f}); energy {m['energy_j_per_1k_tokens'] or float('nan'):.1f} J / 1k tokens")
