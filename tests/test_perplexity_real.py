@@ -3,11 +3,12 @@ independent computation: a separately loaded copy of the model (transformers' ow
 folder, not helpers.models.load_model), its raw logits log-softmaxed in float64, one block at a time, the next
 token's log-probability summed by hand over every scored position. Blocks of unequal length (128, 77, 33, 101
 tokens, tokenized here from CPython's pydoc topics, not by helpers.data) exercise the token weighting: a mean of
-per-block perplexities would differ. Agreement must be within 1e-4 relative (float32 agrees to ~1e-6).
+per-block perplexities would differ. Agreement must be within 1e-4 relative (float32 against float64: ~1e-5).
 
 Printed on the study's CPU (2 cores, torch 2.13 CPU build, 2026-11-29): "project 23.1721, independent 23.1723
 (relative difference 8.7e-06), over 335 scored tokens" (the project's batches of equal-length blocks and the
-float32 cross-entropy against float64 one block at a time). Needs the converted default model in the cache (`make model`; `make test` fetches it)."""
+float32 cross-entropy against float64 one block at a time). Needs the converted default model in the cache
+(`make model`; `make test` fetches it)."""
 import math
 
 import pytest
