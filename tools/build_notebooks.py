@@ -144,8 +144,7 @@ print(f"levers: {on_levers or 'none (the plain stack)'}")
 run["metrics"]["params_trainable"], _ = models.count_parameters(net)
 print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
-    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, the loss tokens the step held, loss, LR, memory incl. NVML); "
-       "tokens/s over the steady steps alone and over their whole window (first steady step's start to the last's end); "
+    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
        "energy from NVML's counter over the training window on a GPU. Memory peaks: torch (allocated, reserved), NVML "
        "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
