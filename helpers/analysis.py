@@ -538,6 +538,11 @@ def throughput(summary: pd.DataFrame):
         line = f"{fast} trains at {tps[fast]:.1f} tokens/s"
     else:
         line = f"{fast} is fastest at {tps[fast]:.1f} tokens/s, {tps[fast] / tps[slow]:.2f}x {slow} ({tps[slow]:.1f} tokens/s)"
+    window = _by_config(ok, ["tokens_per_s_window"])["tokens_per_s_window"].reindex(tps.index) \
+        if ok["tokens_per_s_window"].notna().any() else None
+    if window is not None and window.notna().all():  # runs recorded before the window was: not shown
+        line += (f" (over the whole window, between-step work included: {window[fast]:.1f}"
+                 + (f" and {window[slow]:.1f}" if fast != slow else "") + " tokens/s)")
     ratios = _vs_16bit(ok, "tokens_per_s")
     if ratios:
         line += "; speed vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {r:.2f}x" for q, r in ratios.items())

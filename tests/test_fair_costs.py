@@ -88,3 +88,15 @@ def test_a_parameter_an_old_sidecar_lacks_takes_the_default(tmp_path):
     assert summary["config"].nunique() == 2  # pandas' nunique skipped the missing value: one label for both
     assert sorted(summary["tiled_mlp"]) == [0, 4]
     assert not math.isnan(analysis.lever_table(summary).set_index("levers").loc["tiled_mlp=4", "speed_x"])
+
+
+def test_throughput_gives_the_window_figure_beside_the_steps(tmp_path):
+    for q, w in (("none", 0.9), ("nf4", 0.8)):
+        rec = fake_record(gpu=True, quant=q)
+        rec["metrics"]["tokens_per_s_window"] = rec["metrics"]["tokens_per_s"] * w
+        write_run(tmp_path / "s", rec, notebook=False)
+    summary, _ = analysis.load_sweep(tmp_path / "s")
+    line = analysis.throughput(summary)[1]
+    # fake speeds at r8: none 2361.6, nf4 1889.28 tokens/s over the steps; x 0.9 and x 0.8 over the window
+    assert "none · r8 is fastest at 2361.6 tokens/s, 1.25x nf4 · r8 (1889.3 tokens/s)" in line
+    assert "(over the whole window, between-step work included: 2125.4 and 1511.4 tokens/s)" in line
