@@ -30,8 +30,8 @@ STATUS_CODE = {"ok": 0, "oom": 1, "error": 2}
 STATUS_COLOR = {"ok": "#2ca02c", "oom": "#d62728", "error": "#7f7f7f"}
 # Every metric a chart reads: absent from a sidecar means not measured (NaN), never zero.
 METRICS = ("load_s", "eval_before_s", "train_s", "eval_after_s", "weights_gib", "params_total", "params_trainable",
-           "ppl_before", "ppl_after", "tokens_per_s", "tokens_per_s_window", "step_time_median_s", "peak_rss_gib", "peak_allocated_gib",
-           "peak_reserved_gib", "peak_nvml_process_used_gib", "peak_process_est_gib", "energy_j",
+           "ppl_before", "ppl_after", "tokens_per_s", "tokens_per_s_window", "step_time_median_s", "peak_rss_gib",
+           "peak_allocated_gib", "peak_reserved_gib", "peak_nvml_process_used_gib", "peak_process_est_gib", "energy_j",
            "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens")
 # Names a sidecar may use for the NVML per-process peak; else it is the maximum of the step rows.
 NVML_PEAK_KEYS = ("peak_nvml_process_used_gib", "nvml_process_used_gib_peak", "peak_nvml_used_gib")
