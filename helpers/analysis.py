@@ -30,13 +30,13 @@ STATUS_CODE = {"ok": 0, "oom": 1, "error": 2}
 STATUS_COLOR = {"ok": "#2ca02c", "oom": "#d62728", "error": "#7f7f7f"}
 # Every metric a chart reads: absent from a sidecar means not measured (NaN), never zero.
 METRICS = ("load_s", "eval_before_s", "train_s", "eval_after_s", "weights_gib", "params_total", "params_trainable",
-           "ppl_before", "ppl_after", "tokens_per_s", "step_time_median_s", "peak_rss_gib", "peak_allocated_gib",
-           "peak_reserved_gib", "peak_nvml_process_used_gib", "peak_process_est_gib", "energy_j",
+           "ppl_before", "ppl_after", "tokens_per_s", "tokens_per_s_window", "step_time_median_s", "peak_rss_gib",
+           "peak_allocated_gib", "peak_reserved_gib", "peak_nvml_process_used_gib", "peak_process_est_gib", "energy_j",
            "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens")
 # Names a sidecar may use for the NVML per-process peak; else it is the maximum of the step rows.
 NVML_PEAK_KEYS = ("peak_nvml_process_used_gib", "nvml_process_used_gib_peak", "peak_nvml_used_gib")
 # The training notebook's parameters, for tables that lost the sweep's own list (summary.attrs['config_keys']).
-CONFIG_KEYS_FALLBACK = ("model", "quant", "dtype", "double_quant", "corpus", "seq_len", "eval_fraction",
+CONFIG_KEYS_FALLBACK = ("model", "quant", "dtype", "double_quant", "fp32_upcast", "corpus", "seq_len", "eval_fraction",
                         "eval_blocks", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
                         "gradient_checkpointing", "max_steps", "batch_size", "grad_accum", "learning_rate",
                         "warmup_steps", "optimizer", "fused_kernels", "torch_compile", "offload_activations",
@@ -129,6 +129,7 @@ def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary["synthetic"] = [is_synthetic(r) for r in summary.to_dict("records")]
     summary = _sort_runs(summary)
     summary.attrs["config_keys"] = sorted(_config_keys(records))
+    _fill_defaults(summary, summary.attrs["config_keys"])
     summary["config"] = config_labels(summary)
     summary = summary.reset_index(drop=True)
 
@@ -140,6 +141,42 @@ def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
             if col in history.columns:
                 history[col] = pd.to_numeric(history[col], errors="coerce")
     return summary, history
+
+
+def load_sweeps(sweep_dirs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(summary, history) of several sweep folders as one, each row with its `sweep` (folder name): for comparisons
+    whose arms were run as separate sweeps (parameters/precision.yaml's new cells beside reports/quality's). A
+    config key that a sweep's sidecars lack (recorded before it existed) takes the training notebook's default,
+    which is what those runs used."""
+    parts = [(Path(d).name, *load_sweep(d)) for d in sweep_dirs]
+    keys = sorted(set().union(*(s.attrs["config_keys"] for _, s, _ in parts)))
+    summary = pd.concat([s.assign(sweep=name) for name, s, _ in parts], ignore_index=True)
+    history = pd.concat([h for _, _, h in parts if not h.empty] or [parts[0][2]], ignore_index=True)
+    _fill_defaults(summary, keys)
+    summary.attrs["config_keys"] = keys
+    summary["config"] = config_labels(summary)
+    return summary, history
+
+
+def _fill_defaults(summary: pd.DataFrame, keys) -> None:
+    """A config key that a run's sidecar lacks (recorded before the parameter existed) takes the training
+    notebook's default, which is what that run used; else an old plain run and a new run with the key on would
+    get one label (pandas' nunique does not count a missing value)."""
+    from .sweep import notebook_parameters
+
+    defaults = {k: p["default"] for k, p in notebook_parameters().items()}
+    has_config = summary["quant"].notna()
+    for k in keys:
+        if k not in defaults:
+            continue
+        if k not in summary.columns:
+            summary[k] = None
+        missing = has_config & summary[k].isna()
+        if missing.any():
+            summary[k] = summary[k].astype(object)
+            summary.loc[missing, k] = defaults[k]
+            if isinstance(defaults[k], (int, float)) and not isinstance(defaults[k], bool):
+                summary[k] = pd.to_numeric(summary[k], errors="coerce")  # one type: 0 and 0.0 are one value
 
 
 def _config_keys(records) -> set:
@@ -207,11 +244,12 @@ def _by_config(df: pd.DataFrame, cols) -> pd.DataFrame:
 
 
 def _vs_16bit(rows: pd.DataFrame, col: str) -> dict:
-    """{quant: median ratio of col to the 16-bit arm's (quant none)}, over configurations alike in all but quant."""
+    """{quant: median ratio of col to the 16-bit arm's (quant none)}, over configurations alike in all but quant
+    and run on one machine (machine_keys)."""
     rows = rows[rows[col].notna()]
     if rows.empty or not (rows["quant"] == "none").any():
         return {}
-    key = config_labels(rows, exclude=("quant",))
+    key = config_labels(rows, exclude=("quant",)) + " @ " + machine_keys(rows)  # ratios within one machine only
     base = rows[rows["quant"] == "none"].groupby(key[rows["quant"] == "none"])[col].median()
     out = {}
     for quant in [q for q in QUANT_ORDER if q != "none"] + sorted(set(rows["quant"]) - set(QUANT_ORDER)):
@@ -288,14 +326,15 @@ def plan_status(sweep_dir, summary: pd.DataFrame, sweep_file=None) -> str:
 
 
 def run_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Every run with its outcome (the charts hold the figures); failed and corrupt runs included and marked."""
+    """Every run with its outcome (the charts hold the figures); failed and corrupt runs included and marked. A run
+    that shared the device shows no tokens/s (not its own)."""
     cols = ["config", "vram_budget_gib", "seed", "status", "notebook", "tokens_per_s", "ppl_after", "error", "run_id"]
     t = summary[[c for c in cols if c in summary.columns]].copy()
     t["config"] = t["config"].fillna("(no config)")
     problems = [e if isinstance(e, str) else n if isinstance(n, str) else ""
                 for e, n in zip(summary["error"], summary.get("notebook_error", summary["error"]))]
     t["error"] = [p if len(p) <= 100 else p[:97] + "..." for p in problems]
-    t["tokens_per_s"] = t["tokens_per_s"].round(2)
+    t["tokens_per_s"] = t["tokens_per_s"].round(2).mask(side_by_side(summary))  # shared device: not the run's own
     t["ppl_after"] = t["ppl_after"].round(3)
     if "synthetic" in summary.columns:  # random weights: a perplexity, but no quality figure
         t.loc[summary["synthetic"].fillna(False).astype(bool).values, "ppl_after"] = None
@@ -365,22 +404,75 @@ def feasibility_matrix(summary: pd.DataFrame):
     return fig, line + "."
 
 
-def side_by_side_note(rows: pd.DataFrame) -> str:
-    """The caveat for cost figures of runs that shared the device (helpers.sweep --jobs N), else ""."""
-    n = pd.to_numeric(rows.get("env_side_by_side", pd.Series(dtype=float)), errors="coerce").max()
-    if not n > 1:  # also NaN: sidecars from before the field, or none recorded
+# --- whose costs: side-by-side runs and machines ------------------------------------------------------------
+
+UNKNOWN_MACHINE = "machine not recorded"
+
+
+def machine_labels(rows: pd.DataFrame) -> pd.Series:
+    """Which machine each run ran on (helpers.runs.machine): host and boot id (a reboot or a new lease of the same
+    host is another machine for timing), and the GPU's UUID where recorded; None where the sidecar predates them."""
+    def one(r):
+        host, boot, gpu = r.get("env_host"), r.get("env_boot_id"), r.get("env_gpu_uuid")
+        if not isinstance(host, str) or not isinstance(boot, str) or not host or not boot:
+            return None
+        return f"{host} · boot {boot[:8]}" + (f" · {gpu}" if isinstance(gpu, str) and gpu else "")
+    return pd.Series([one(r) for r in rows.to_dict("records")], index=rows.index, dtype=object)
+
+
+def machine_keys(rows: pd.DataFrame) -> pd.Series:
+    """machine_labels with the unrecorded ones as one group, UNKNOWN_MACHINE: a ratio is taken within a key only."""
+    return machine_labels(rows).fillna(UNKNOWN_MACHINE)
+
+
+def machines_note(rows: pd.DataFrame) -> str:
+    """'' when every run recorded one and the same machine; else the sentence that says the rows mix machines
+    (ratios were taken within one only) and/or that some recorded none (whether they shared one is not known)."""
+    if rows.empty:
         return ""
-    return (f" Caveat: these runs went up to {int(n)} side by side on one device (helpers.sweep --jobs), so time, "
-            "throughput and energy are shared figures, not one run's alone; torch's per-process memory peaks still "
-            "hold, NVML's device-wide ones do not.")
+    m = machine_labels(rows)
+    known, unknown = list(dict.fromkeys(m.dropna())), int(m.isna().sum())
+    out = ""
+    if len(known) > 1:
+        out += (f" Mixed machines: these runs ran on {len(known)} machines ({'; '.join(known)}); cost ratios are "
+                "taken only between runs of one machine.")
+    if unknown:
+        out += (f" Machine unknown for {unknown} of {len(rows)} run(s) (sidecars from before host and boot id were "
+                "recorded): that the runs compared shared one machine is assumed, not checked.")
+    return out
+
+
+def side_by_side(rows: pd.DataFrame) -> pd.Series:
+    """True for runs that shared the device with others (helpers.sweep --jobs N, sidecar env side_by_side > 1):
+    their time, speed and energy are not their own. A sidecar without the field counts as alone."""
+    n = pd.to_numeric(rows.get("env_side_by_side", pd.Series(index=rows.index, dtype=float)), errors="coerce")
+    return (n > 1).reindex(rows.index, fill_value=False)
+
+
+def own_costs(rows: pd.DataFrame) -> pd.DataFrame:
+    """The runs whose time, speed and energy are their own: not side by side."""
+    return rows[~side_by_side(rows)]
+
+
+def side_by_side_note(rows: pd.DataFrame) -> str:
+    """Why runs are missing from a cost figure: they went side by side on one device; '' when none did."""
+    shared = side_by_side(rows)
+    if not shared.any():
+        return ""
+    n = int(pd.to_numeric(rows.loc[shared, "env_side_by_side"], errors="coerce").max())
+    return (f" {int(shared.sum())} of {len(rows)} run(s) went up to {n} side by side on one device (helpers.sweep "
+            "--jobs): their time, throughput and energy are the device's, not theirs, and are left out (quality "
+            "only); torch's per-process memory peaks still hold, NVML's device-wide ones do not.")
 
 
 def peak_memory(summary: pd.DataFrame):
     """Weights after load and peak memory per configuration: torch allocated / reserved and NVML on a GPU;
     peak resident memory of the process on a CPU."""
-    ok = _ok(summary)
+    ok = _ok(summary).copy()
     if ok.empty:
         return None, "No memory chart: no run in this sweep finished."
+    # side by side, NVML's readings (and the estimate built on them) can include the other runs' memory
+    ok.loc[side_by_side(ok), ["peak_nvml_process_used_gib", "peak_process_est_gib"]] = math.nan
     # NVML has no peak counter (step-end readings can miss the peak); the estimate is torch's exact reserved
     # peak plus the largest non-torch memory NVML saw (CUDA context, cuBLAS, bitsandbytes' paged memory)
     gpu = [("peak_allocated_gib", "peak allocated (torch)"), ("peak_reserved_gib", "peak reserved (torch)"),
@@ -417,10 +509,15 @@ def peak_memory(summary: pd.DataFrame):
 
 
 def throughput(summary: pd.DataFrame):
-    """Steady-state tokens/s, and wall-clock per phase (load, eval before, train, eval after)."""
+    """Steady-state tokens/s, and wall-clock per phase (load, eval before, train, eval after), of the runs that had
+    the device to themselves; ratios only between runs of one machine."""
     ok = _ok(summary)
     if ok.empty or ok["tokens_per_s"].isna().all():
         return None, "No throughput chart: no finished run recorded its speed."
+    shared_note = side_by_side_note(ok)
+    ok = own_costs(ok)
+    if ok.empty:
+        return None, "No throughput chart: every finished run shared the device, so no speed is a run's own." + shared_note
     phases = [("load_s", "load"), ("eval_before_s", "eval before"), ("train_s", "train"), ("eval_after_s", "eval after")]
     phases = [p for p in phases if ok[p[0]].notna().any()]
     med = _by_config(ok, ["tokens_per_s"] + [p[0] for p in phases])
@@ -441,13 +538,18 @@ def throughput(summary: pd.DataFrame):
         line = f"{fast} trains at {tps[fast]:.1f} tokens/s"
     else:
         line = f"{fast} is fastest at {tps[fast]:.1f} tokens/s, {tps[fast] / tps[slow]:.2f}x {slow} ({tps[slow]:.1f} tokens/s)"
+    window = _by_config(ok, ["tokens_per_s_window"])["tokens_per_s_window"].reindex(tps.index) \
+        if ok["tokens_per_s_window"].notna().any() else None
+    if window is not None and window.notna().all():  # runs recorded before the window was: not shown
+        line += (f" (over the whole window, between-step work included: {window[fast]:.1f}"
+                 + (f" and {window[slow]:.1f}" if fast != slow else "") + " tokens/s)")
     ratios = _vs_16bit(ok, "tokens_per_s")
     if ratios:
         line += "; speed vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {r:.2f}x" for q, r in ratios.items())
     if "train_s" in med.columns and med["train_s"].notna().any():
         t = med["train_s"].dropna()
         line += f"; training took {t.min():.0f}–{t.max():.0f} s" if len(t) > 1 else f"; training took {t.iloc[0]:.0f} s"
-    return fig, line + "." + side_by_side_note(ok)
+    return fig, line + "." + shared_note + machines_note(ok)
 
 
 def _quality_rows(summary: pd.DataFrame, col: str):
@@ -602,10 +704,12 @@ def cost_quality(summary: pd.DataFrame):
     """Perplexity after training against training time, and against energy where it was measured.
     The line joins the Pareto front: configurations no other one beats on both cost and quality."""
     rows, note = _quality_rows(summary, "ppl_after")
-    rows = rows[rows["train_s"].notna()]
+    shared_note = side_by_side_note(rows)
+    rows = own_costs(rows[rows["train_s"].notna()])
     if rows.empty:
         why = "every finished run is synthetic" if note else "no finished run has both a perplexity and a training time"
-        return None, f"No cost-quality chart: {why}.{note}"
+        why = "every run shared the device, so no training time or energy is a run's own" if shared_note else why
+        return None, f"No cost-quality chart: {why}.{note}{shared_note}"
     med = _by_config(rows, ["train_s", "energy_j", "ppl_after"])
     axes = [("train_s", "training time, s")]
     if med["energy_j"].notna().any():
@@ -643,7 +747,7 @@ def cost_quality(summary: pd.DataFrame):
     line += f"; {len(dominated)} of {len(med)} configurations are beaten on both"
     if "energy_j" in fronts:
         line += f"; energy front: {', '.join(fronts['energy_j'])}"
-    return fig, line + "." + note + _q4_1_note(rows) + side_by_side_note(rows)
+    return fig, line + "." + note + _q4_1_note(rows) + shared_note + machines_note(rows)
 
 
 def energy_per_token(summary: pd.DataFrame):
@@ -651,7 +755,10 @@ def energy_per_token(summary: pd.DataFrame):
     ok = _ok(summary)
     if ok.empty:
         return None, "No energy chart: no run in this sweep finished."
-    rows = ok[ok["energy_j_per_1k_tokens"].notna()]
+    shared_note = side_by_side_note(ok)
+    rows = own_costs(ok[ok["energy_j_per_1k_tokens"].notna()])
+    if rows.empty and shared_note:
+        return None, "No energy chart: every run shared the device, whose energy counter is not one run's." + shared_note
     if rows.empty:
         if _on_cpu_only(ok):
             return None, "No energy chart: this sweep ran on a CPU, which has no energy counter (energy is absent, not zero)."
@@ -673,10 +780,10 @@ def energy_per_token(summary: pd.DataFrame):
         line += "; vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {r:.2f}x" for q, r in ratios.items())
     if "nvml_power_sampled" in sources:
         line += "; some runs' energy is sampled power x step time, not the counter"
-    skipped = len(ok) - len(rows)
+    skipped = len(own_costs(ok)) - len(rows)
     if skipped:
         line += f"; {skipped} finished run(s) have no energy figure"
-    return fig, line + "." + side_by_side_note(rows)
+    return fig, line + "." + shared_note + machines_note(rows)
 
 
 # --- speed and memory levers (parameters/levers.yaml, benchmarks/fast_arm.py) --------------------------------
@@ -708,46 +815,124 @@ def loss_gap(a, b) -> float | None:
     return max(abs(la[s] - lb[s]) / abs(la[s]) for s in common) if common else None
 
 
+# The lever check: a lever run against the plain run of the same seed and data (the same batches in the same order).
+# loss_gap cannot fail where the loss barely moves (random weights on random tokens: a lever that zeroed every
+# gradient would pass it), so the check asks what a broken lever cannot give: the same *fall* of the training loss
+# and the same held-out perplexity after training, and says "cannot tell" where the plain run learned too little.
+CHECK_WINDOW = 0.1      # the first and last 10% of the logged steps (at least one) give the loss's start and end
+CHECK_MIN_FALL = 0.10   # the plain run's loss must fall by >= 10% of its start, else no lever can be told apart
+CHECK_FALL_TOL = 0.05   # pass: the lever's fall is 95-105% of the plain run's ...
+CHECK_PPL_TOL = 0.01    # ... and its ppl_after within 1% of the plain run's
+CHECK_RULE = (f"pass: the plain run's training loss fell >= {100 * CHECK_MIN_FALL:g}% (mean of the first vs the last "
+              f"{100 * CHECK_WINDOW:g}% of the logged steps), the lever's fell {100 * (1 - CHECK_FALL_TOL):g}–"
+              f"{100 * (1 + CHECK_FALL_TOL):g}% as much over the same steps, and its held-out perplexity after "
+              f"training is within {100 * CHECK_PPL_TOL:g}% of the plain run's")
+
+
+def _losses(h) -> dict:
+    rows = h.to_dict("records") if isinstance(h, pd.DataFrame) else h
+    return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None and not pd.isna(r["loss"])}
+
+
+def lever_check(plain_history, lever_history, plain_ppl_after=None, lever_ppl_after=None) -> dict:
+    """CHECK_RULE for one lever run against its plain run (history rows: dicts or a DataFrame with step and loss).
+    Returns plain_fall_pct (how far the plain run's loss fell, % of its start), fall_kept (the lever's fall over the
+    plain run's, on the steps both logged), ppl_after_x (the lever's ppl_after over the plain run's), and verdict:
+    'pass', 'FAIL', or 'cannot tell' (too few shared steps, no ppl_after, or a plain run that learned too little),
+    with why."""
+    out = {"plain_fall_pct": math.nan, "fall_kept": math.nan, "ppl_after_x": math.nan}
+    lp, ll = _losses(plain_history), _losses(lever_history)
+    common = sorted(set(lp) & set(ll))
+    if len(common) < 2:
+        return {**out, "verdict": "cannot tell", "why": f"{len(common)} logged step(s) in common"}
+    k = max(1, round(CHECK_WINDOW * len(common)))
+    first, last = common[:k], common[-k:]
+
+    def fall(losses):
+        return sum(losses[s] for s in first) / k - sum(losses[s] for s in last) / k
+    start = sum(lp[s] for s in first) / k
+    out["plain_fall_pct"] = 100 * fall(lp) / abs(start) if start else math.nan
+    if fall(lp) > 0:
+        out["fall_kept"] = fall(ll) / fall(lp)
+    if plain_ppl_after is not None and lever_ppl_after is not None and not pd.isna(plain_ppl_after) \
+            and not pd.isna(lever_ppl_after):
+        out["ppl_after_x"] = lever_ppl_after / plain_ppl_after
+    if not out["plain_fall_pct"] >= 100 * CHECK_MIN_FALL:
+        why = (f"the plain run's loss fell {out['plain_fall_pct']:.3g}% (< {100 * CHECK_MIN_FALL:g}%): a lever that "
+               "trained nothing would look the same")
+        return {**out, "verdict": "cannot tell", "why": why}
+    problems = []
+    if not abs(out["fall_kept"] - 1) <= CHECK_FALL_TOL:
+        problems.append(f"its loss fell {out['fall_kept']:.3f}x as much as the plain run's")
+    if math.isnan(out["ppl_after_x"]):
+        if not problems:
+            return {**out, "verdict": "cannot tell", "why": "no ppl_after for one of the two runs"}
+    elif not abs(out["ppl_after_x"] - 1) <= CHECK_PPL_TOL:
+        problems.append(f"its ppl_after is {out['ppl_after_x']:.4f}x the plain run's")
+    if problems:
+        return {**out, "verdict": "FAIL", "why": "; ".join(problems)}
+    return {**out, "verdict": "pass", "why": (f"loss fell {out['fall_kept']:.3f}x the plain run's "
+                                              f"{out['plain_fall_pct']:.1f}%, ppl_after {out['ppl_after_x']:.4f}x")}
+
+
 def lever_table(summary: pd.DataFrame, history: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per finished run that differs from the plain stack only by levers, against the plain run of the
-    same configuration (same quant, shape, batch, rank, budget): tokens/s, peak reserved memory and energy per
-    1k tokens, each with its ratio (memory: difference) to plain. Energy twice: over the whole training window
-    (compilation and warm-up included, what a short run costs) and over the steady steps tokens/s counts (what
-    a token costs in a long run; NaN for runs recorded before steps carried their own energy). With history
-    (load_sweep's second table), loss_gap_pct: the largest relative difference of the training loss at any logged
-    step against the plain run (the first by run id where there are several), in percent. Empty when no such pair
-    exists."""
+    """One row per finished run that differs from the plain stack only by levers, against the plain runs of the
+    same configuration (same quant, shape, batch, rank, budget) *on the same machine* (machine_keys; a sidecar
+    without one is on UNKNOWN_MACHINE): tokens/s, peak reserved memory and energy per 1k tokens, each with its
+    ratio (memory: difference) to plain; `machine` says which. Energy twice: over the whole training window
+    (compilation and warm-up included, what a short run costs) and over the steady steps tokens/s counts (what a
+    token costs in a long run; NaN for runs recorded before steps carried their own energy). A run that shared
+    the device (side_by_side) has no speed or energy of its own: NaN. With history (load_sweep's second table),
+    the equivalence check against the plain run of the same configuration and seed (any machine; the first by run
+    id where there are several): loss_gap_pct (the largest relative difference of the training loss at any logged
+    step, in percent), and lever_check's fall_kept, ppl_after_x and check (pass / FAIL / cannot tell, CHECK_RULE).
+    Empty when no such pair exists."""
     from .sweep import notebook_parameters
 
     plain = {k: p["default"] for k, p in notebook_parameters().items() if k in LEVER_KEYS}
     ok = _ok(summary).copy()
-    cols = ["quant", "levers", "tokens_per_s", "speed_x", "peak_reserved_gib", "reserved_vs_plain_gib",
+    cols = ["quant", "levers", "machine", "tokens_per_s", "speed_x", "peak_reserved_gib", "reserved_vs_plain_gib",
             "energy_j_per_1k_tokens", "energy_x", "energy_steady_j_per_1k_tokens", "energy_steady_x"]
     if history is not None:
-        cols.append("loss_gap_pct")
+        cols += ["loss_gap_pct", "fall_kept", "ppl_after_x", "check"]
     if ok.empty:
         return pd.DataFrame(columns=cols)
     figures = ["tokens_per_s", "peak_reserved_gib", "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens"]
-    for k in figures:
+    for k in figures + ["ppl_after"]:
         if k not in ok:
             ok[k] = float("nan")
+    ok.loc[side_by_side(ok), ["tokens_per_s", "energy_j_per_1k_tokens", "energy_steady_j_per_1k_tokens"]] = math.nan
     ok["levers"] = [_lever_label(r, plain) for r in ok.to_dict("records")]
     ok["context"] = config_labels(ok, exclude=LEVER_KEYS).values
-    base = ok[ok["levers"] == "plain"].groupby("context")[figures].median()
-    rows = ok[ok["context"].isin(base.index)]
+    ok["machine"] = machine_keys(ok).values
+    is_plain = ok["levers"] == "plain"
+    rows = ok[ok["context"].isin(set(ok.loc[is_plain, "context"]))]
     if rows["levers"].eq("plain").all():
         return pd.DataFrame(columns=cols)
-    out = rows[["quant", "levers", "context", "run_id", *figures]].copy()
-    ref = base.reindex(out["context"]).set_index(out.index)
+    base = ok[is_plain].groupby(["context", "machine"])[figures].median()  # cost ratios within one machine only
+    out = rows[["quant", "levers", "context", "machine", "run_id", "seed", "ppl_after", *figures]].copy()
+    ref = base.reindex(pd.MultiIndex.from_frame(out[["context", "machine"]])).set_index(out.index)
     out["speed_x"] = out["tokens_per_s"] / ref["tokens_per_s"]
     out["reserved_vs_plain_gib"] = out["peak_reserved_gib"] - ref["peak_reserved_gib"]
     out["energy_x"] = out["energy_j_per_1k_tokens"] / ref["energy_j_per_1k_tokens"]
     out["energy_steady_x"] = out["energy_steady_j_per_1k_tokens"] / ref["energy_steady_j_per_1k_tokens"]
     if history is not None:
         steps = {rid: h for rid, h in history.groupby("run_id")} if not history.empty else {}
-        first_plain = out[out["levers"] == "plain"].sort_values("run_id").groupby("context")["run_id"].first()
-        gaps = [loss_gap(steps.get(first_plain[c], []), steps.get(rid, [])) for c, rid in zip(out["context"], out["run_id"])]
+        plains = out[out["levers"] == "plain"].sort_values("run_id")
+        first_plain = plains.groupby(["context", "seed"])["run_id"].first()
+        ppl = out.set_index("run_id")["ppl_after"]
+        gaps, checks = [], []
+        for c, seed, rid in zip(out["context"], out["seed"], out["run_id"]):
+            ref_id = first_plain.get((c, seed))
+            ref_h = steps.get(ref_id, []) if ref_id is not None else []
+            gaps.append(loss_gap(ref_h, steps.get(rid, [])))
+            checks.append(lever_check(ref_h, steps.get(rid, []), ppl.get(ref_id), ppl[rid]) if ref_id is not None
+                          else {"fall_kept": math.nan, "ppl_after_x": math.nan, "verdict": "cannot tell"})
         out["loss_gap_pct"] = [float("nan") if g is None else 100 * g for g in gaps]
+        out["fall_kept"] = [c["fall_kept"] for c in checks]
+        out["ppl_after_x"] = [c["ppl_after_x"] for c in checks]
+        out["check"] = [c["verdict"] for c in checks]
+        out.loc[out["levers"] == "plain", "check"] = "reference"
     out["is_plain"] = out["levers"] == "plain"  # plain first in each configuration, then fastest first
     out = out.sort_values(["context", "is_plain", "speed_x"], ascending=[True, False, False])
     return out.set_index("context")[cols]
@@ -785,7 +970,14 @@ def lever_effects(summary: pd.DataFrame, table: pd.DataFrame | None = None):
                                                    slower[["quant", "levers", "speed_x"]].values)
     line += ". One run per arm: differences inside run-to-run noise (see the sweep) are not resolved; " \
             "benchmarks/fast_arm.py measures plain vs optimised in interleaved pairs"
-    return fig, line + "." + side_by_side_note(_ok(summary))
+    if "check" in table.columns:
+        verdicts = runs_["check"].value_counts()
+        line += (f". Equivalence ({CHECK_RULE}): " + ", ".join(f"{n} {v}" for v, n in verdicts.items()))
+        failed = runs_[runs_["check"] == "FAIL"]
+        if len(failed):
+            line += " (FAIL: " + ", ".join(f"{q} · {lv}" for q, lv in failed[["quant", "levers"]].values) + ")"
+    ok = _ok(summary)
+    return fig, line + "." + side_by_side_note(ok) + machines_note(ok)
 
 
 CHARTS = (feasibility_matrix, peak_memory, throughput, perplexity_vs_rank, cost_quality, energy_per_token)
@@ -953,10 +1145,11 @@ def quantization_gap(summary: pd.DataFrame):
 
 
 def flattening_rank(ranks, means, halves) -> float:
-    """The rank where returns flatten: the smallest rank whose mean ppl_after is at or below the upper end of
-    the best rank's 95% interval (best mean + its half width), i.e. not distinguishable from the best at this
-    many seeds. The best rank is the one with the lowest mean. With no interval at the best rank (one seed),
-    only the best rank itself qualifies. NaN if no rank has a mean."""
+    """The unpaired rule the report used before issue 15, kept to trace the old figures in results.md: the
+    smallest rank whose mean ppl_after is at or below the upper end of the best rank's 95% interval. It ignores
+    that runs of one seed share their batch order across ranks, so at 3 seeds it calls ranks equal that are worse
+    in every seed; rank_returns uses FLAT_RULE (paired_rank_table, flattening_rank_paired). NaN if no rank has a
+    mean."""
     t = pd.DataFrame({"r": list(ranks), "m": list(means), "h": list(halves)}).dropna(subset=["r", "m"])
     if t.empty:
         return math.nan
@@ -965,9 +1158,74 @@ def flattening_rank(ranks, means, halves) -> float:
     return float(t.loc[t["m"] <= bound, "r"].min())
 
 
+# Where returns flatten, paired by seed within an arm: a rank counts as flat when the upper end of the 95% t
+# interval of its paired difference from the best rank is at most FLAT_MARGIN_PCT. An equivalence rule: a rank
+# must be shown to be at most that much worse, so too few seeds (a wide interval) make no rank flat, unlike "the
+# interval includes 0", which low power passes. The margin, a quarter of a percent of perplexity, is a third of
+# the smallest quantization gap the study reports (int8's 0.8%) and about the seed-to-seed spread of one rank.
+FLAT_MARGIN_PCT = 0.25
+FLAT_RULE = (f"returns flatten at the smallest rank whose paired difference from the arm's best rank (per seed, "
+             f"ppl_after over the best rank's - 1) has a 95% interval ending at or below +{FLAT_MARGIN_PCT:g}%")
+
+
+def paired_differences(rows: pd.DataFrame, col: str, a, b, key_exclude=()) -> pd.DataFrame:
+    """Pairs of runs alike in every config key but those in key_exclude (and the seed, which pairs them): a and b
+    are boolean masks over rows (the two sides); one row per pair with pair (the shared label), seed, a, b and
+    pct = 100 (a / b - 1)."""
+    rows = rows[rows[col].notna()]
+    label = config_labels(rows, exclude=key_exclude) + " · seed " + rows["seed"].astype(str)
+    a, b = a.reindex(rows.index, fill_value=False), b.reindex(rows.index, fill_value=False)
+    va = rows[a].groupby(label[a])[col].mean()
+    vb = rows[b].groupby(label[b])[col].mean()
+    shared = va.index.intersection(vb.index)
+    seed = rows.groupby(label)["seed"].first()
+    out = pd.DataFrame({"pair": shared, "seed": seed[shared].values, "a": va[shared].values, "b": vb[shared].values})
+    out["pct"] = 100 * (out["a"] / out["b"] - 1)
+    return out
+
+
+def paired_summary(pairs: pd.DataFrame) -> dict:
+    """Mean paired difference in % with its 95% t interval over seeds (pairs of one seed averaged first: they
+    share the batch order), and the sign count over all pairs."""
+    per_seed = pairs.groupby("seed")["pct"].mean() if len(pairs) else pd.Series(dtype=float)
+    mean, half, n = mean_ci95(per_seed)
+    return {"n_seeds": n, "n_pairs": len(pairs), "mean_pct": mean, "ci95_pct": half,
+            "lo_pct": mean - half, "hi_pct": mean + half,
+            "worse": int((pairs["pct"] > 0).sum()), "better": int((pairs["pct"] < 0).sum())}
+
+
+def paired_rank_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each rank against the best rank (lowest mean ppl_after) of its arm (the config label without lora_r),
+    paired by seed: n_seeds, mean paired difference in %, its 95% interval, how many seeds it is worse / better
+    in, and whether it is flat by FLAT_RULE. One row per arm and rank, in the sweep's order."""
+    rows, _ = _quality_rows(summary, "ppl_after")
+    cols = ["arm", "lora_r", "best_r", "ppl_after_mean", "n_seeds", "mean_pct", "ci95_pct", "lo_pct", "hi_pct",
+            "worse", "better", "flat"]
+    if rows.empty:
+        return pd.DataFrame(columns=cols)
+    rows = rows.assign(arm=config_labels(rows, exclude=("lora_r",)).values,
+                       lora_r=pd.to_numeric(rows["lora_r"], errors="coerce"))
+    out = []
+    for arm, g in rows.groupby("arm", sort=False):
+        means = g.groupby("lora_r")["ppl_after"].mean()
+        best = means.idxmin()
+        for r in sorted(means.index):
+            s = paired_summary(paired_differences(g, "ppl_after", g["lora_r"] == r, g["lora_r"] == best,
+                                                  key_exclude=("lora_r",)))
+            flat = bool(r == best or (s["n_seeds"] >= 2 and s["hi_pct"] <= FLAT_MARGIN_PCT))
+            out.append({"arm": arm, "lora_r": r, "best_r": best, "ppl_after_mean": means[r], **s, "flat": flat})
+    return pd.DataFrame(out)[cols]
+
+
+def flattening_rank_paired(table: pd.DataFrame) -> float:
+    """FLAT_RULE on one arm's rows of paired_rank_table: the smallest flat rank (the best rank always is)."""
+    flat = table.loc[table["flat"].astype(bool), "lora_r"]
+    return float(flat.min()) if len(flat) else math.nan
+
+
 def rank_returns(summary: pd.DataFrame):
     """Mean ppl_after (95% interval across seeds) against LoRA rank, one line per quantization (and any other
-    varying key), with the rank where returns flatten marked (helpers.analysis.flattening_rank's rule)."""
+    varying key), with the rank where returns flatten marked (FLAT_RULE: paired by seed against the arm's best)."""
     problem = repeats_problem(summary)
     if problem:
         return None, f"No rank-returns chart: {problem}."
@@ -977,15 +1235,15 @@ def rank_returns(summary: pd.DataFrame):
     t["series"] = [series[c] for c in t.index]
     if t["lora_r"].nunique() < 2:
         return None, "No rank-returns chart: the sweep has one LoRA rank." + note
+    paired = paired_rank_table(summary)
     fig = go.Figure()
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    flat = {}
+    parts = []
     for i, (name, g) in enumerate(t.groupby("series", sort=False)):
         g = g.sort_values("lora_r")
         color = palette[i % len(palette)]
-        r_flat = flattening_rank(g["lora_r"], g["ppl_after_mean"], g["ppl_after_ci95"])
-        best = g.loc[g["ppl_after_mean"].idxmin()]
-        flat[name] = (r_flat, best["lora_r"], g["lora_r"].min())
+        p = paired[paired["arm"] == name]
+        r_flat = flattening_rank_paired(p)
         fig.add_trace(go.Scatter(x=g["lora_r"], y=g["ppl_after_mean"], mode="lines+markers", name=name,
                                  line=dict(color=color), error_y=dict(type="data", array=g["ppl_after_ci95"]),
                                  hovertemplate="r=%{x}<br>ppl_after %{y:.3f}<extra></extra>"))
@@ -994,19 +1252,104 @@ def rank_returns(summary: pd.DataFrame):
             fig.add_trace(go.Scatter(x=[r_flat], y=[y], mode="markers", showlegend=False,
                                      marker=dict(symbol="star", size=16, color=color, line=dict(color="black", width=1)),
                                      hovertemplate=f"{name}: returns flatten at r{r_flat:g}<extra></extra>"))
-    fig.update_layout(title="Perplexity after training vs LoRA rank (★: where returns flatten)",
+        best = p["best_r"].iloc[0]
+        below = p[p["lora_r"] < r_flat]
+        words = f"{name} r{r_flat:g} (best r{best:g}"
+        if len(below):
+            worst = below.iloc[-1]  # the next rank down: the one the rule turned away
+            words += (f"; r{worst['lora_r']:g} {worst['mean_pct']:+.2f}% "
+                      f"[{worst['lo_pct']:+.2f}, {worst['hi_pct']:+.2f}], worse in {worst['worse']} of "
+                      f"{worst['worse'] + worst['better']} seeds")
+        parts.append(words + ")")
+    fig.update_layout(title="Perplexity after training vs LoRA rank (★: where returns flatten, paired by seed)",
                       xaxis_title="lora_r", yaxis_title="ppl_after (mean, 95% interval)", xaxis_type="log",
                       xaxis=dict(tickvals=sorted(t["lora_r"].unique())), height=450)
-    parts = []
-    for name, (r_flat, r_best, r_min) in flat.items():
-        if r_flat == r_min:
-            parts.append(f"{name} r{r_flat:g} (the smallest rank tried: no higher rank is better beyond its interval)")
-        elif r_flat == r_best:
-            parts.append(f"{name} r{r_flat:g} (the best rank; every lower rank is worse beyond its interval)")
-        else:
-            parts.append(f"{name} r{r_flat:g} (within the interval of its best, r{r_best:g})")
-    line = ("Returns flatten (smallest rank whose mean ppl_after is within the best rank's 95% interval): "
-            + "; ".join(parts))
+    line = f"Rule: {FLAT_RULE}. " + "; ".join(parts)
+    return fig, line + "." + note + _q4_1_note(rows)
+
+
+# --- quantization apart from precision (parameters/precision.yaml with reports/quality) -----------------------
+
+# The 2 x 2 cells: (quant, whether norms, embeddings and head train in float32: helpers.train.upcasts_to_fp32)
+PRECISION_CELLS = {("none", False): "16-bit", ("none", True): "16-bit + fp32 upcast",
+                   ("nf4", True): "NF4 (upcast, as QLoRA)", ("nf4", False): "NF4 + keep_16bit"}
+# (name, numerator cell, denominator cell): ppl_after of one over the other, paired by rank and seed
+PRECISION_RATIOS = (
+    ("quantization, precision matched: both upcast", ("nf4", True), ("none", True)),
+    ("quantization, precision matched: neither upcast", ("nf4", False), ("none", False)),
+    ("quantization and precision mixed (as the quality study compared)", ("nf4", True), ("none", False)),
+    ("precision alone, 16-bit base: upcast / not", ("none", True), ("none", False)),
+    ("precision alone, NF4 base: upcast / not", ("nf4", True), ("nf4", False)),
+)
+
+
+def precision_cells(rows: pd.DataFrame) -> pd.Series:
+    """Each row's 2 x 2 cell (quant, upcast), or None for a quant outside the design."""
+    from .train import upcasts_to_fp32
+
+    def cell(r):
+        q = r.get("quant")
+        if q not in ("none", "nf4"):
+            return None
+        return (q, upcasts_to_fp32(q, bool(r.get("keep_16bit") or False), bool(r.get("fp32_upcast") or False)))
+    return pd.Series([cell(r) for r in rows.to_dict("records")], index=rows.index, dtype=object)
+
+
+def precision_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The PRECISION_RATIOS of ppl_after, paired by rank and seed (runs alike in every other config key): per
+    comparison, the ratio's mean with its 95% t interval over seeds (a seed's ranks averaged first: they share the
+    batch order), n_seeds, n_pairs, how many pairs the numerator is worse / better in, and the mean ratio per rank.
+    Rows with no pairs are left out."""
+    rows, _ = _quality_rows(summary, "ppl_after")
+    cols = ["comparison", "n_seeds", "n_pairs", "ratio", "ci95", "lo", "hi", "worse", "better", "by_rank"]
+    if rows.empty:
+        return pd.DataFrame(columns=cols).set_index("comparison")
+    cells = precision_cells(rows)
+    out = []
+    for name, num, den in PRECISION_RATIOS:
+        pairs = paired_differences(rows, "ppl_after", cells == num, cells == den,
+                                   key_exclude=("quant", "keep_16bit", "fp32_upcast"))
+        if pairs.empty:
+            continue
+        s = paired_summary(pairs)
+        rank = pairs["pair"].str.extract(r"\br(\d+)\b")[0]
+        by_rank = (1 + pairs.groupby(rank)["pct"].mean() / 100).sort_index(key=lambda x: x.astype(int))
+        out.append({"comparison": name, "n_seeds": s["n_seeds"], "n_pairs": s["n_pairs"],
+                    "ratio": 1 + s["mean_pct"] / 100, "ci95": s["ci95_pct"] / 100,
+                    "lo": 1 + s["lo_pct"] / 100, "hi": 1 + s["hi_pct"] / 100, "worse": s["worse"],
+                    "better": s["better"], "by_rank": ", ".join(f"r{r} {v:.4f}x" for r, v in by_rank.items())})
+    return pd.DataFrame(out, columns=cols).set_index("comparison")
+
+
+def precision_matched(summary: pd.DataFrame):
+    """NF4 over 16-bit perplexity after training with precision matched both ways (both arms upcast, neither
+    upcast), beside the mixed comparison and precision's own effect; paired by rank and seed, 95% intervals. Needs
+    the 2 x 2 cells, which parameters/precision.yaml adds to reports/quality (load_sweeps of both folders)."""
+    rows, note = _quality_rows(summary, "ppl_after")
+    t = precision_table(summary)
+    matched = [n for n, *_ in PRECISION_RATIOS[:2] if n in t.index]
+    if not matched:
+        have = sorted({PRECISION_CELLS[c] for c in precision_cells(rows).dropna()}) if not rows.empty else []
+        return None, ("No precision-matched ratio: it needs NF4 and 16-bit runs of the same upcast (cells "
+                      f"{list(PRECISION_CELLS.values())}; this summary has {have or 'none'}): run "
+                      "parameters/precision.yaml and load it with reports/quality (analysis.load_sweeps)." + note)
+    fig = go.Figure(go.Scatter(x=t["ratio"], y=t.index, mode="markers", marker=dict(size=11, color="#1f77b4"),
+                               error_x=dict(type="data", array=t["ci95"], visible=True),
+                               customdata=t[["n_pairs", "by_rank"]].values,
+                               hovertemplate="%{y}<br>%{x:.4f}x (%{customdata[0]} pairs)<br>%{customdata[1]}"
+                                             "<extra></extra>"))
+    fig.add_vline(x=1.0, line_dash="dash", line_color="gray")
+    fig.update_layout(title="Perplexity after training: NF4 over 16-bit with precision matched (paired, 95% CI)",
+                      xaxis_title="ppl_after ratio", yaxis_autorange="reversed", height=380)
+
+    def words(name):
+        r = t.loc[name]
+        ci = "one seed, no interval" if math.isnan(r["ci95"]) else f"95% CI {r['lo']:.4f}–{r['hi']:.4f}"
+        return f"{r['ratio']:.4f}x ({ci}; worse in {r['worse']} of {r['n_pairs']} pairs; {r['by_rank']})"
+    line = "NF4 / 16-bit with precision matched: " + "; ".join(f"{n.split(': ')[1]} {words(n)}" for n in matched)
+    rest = [n for n, *_ in PRECISION_RATIOS[2:] if n in t.index]
+    if rest:
+        line += ". Beside it: " + "; ".join(f"{n} {words(n)}" for n in rest)
     return fig, line + "." + note + _q4_1_note(rows)
 
 
@@ -1025,9 +1368,16 @@ def cost_quality_frontier(summary: pd.DataFrame):
         return None, f"No cost-quality frontier with intervals: {problem}."
     rows, note = _quality_rows(summary, "ppl_after")
     t = ppl_ci_table(summary)
-    cost = rows.groupby("config", sort=False)[["train_s"] + [c for c, _ in MEMORY_COLS]].median().reindex(t.index)
+    costs = rows.copy()  # side by side: no training time, no NVML figure is a run's own; torch's peaks are
+    shared = side_by_side(costs)
+    costs.loc[shared, ["train_s", "peak_process_est_gib", "peak_nvml_process_used_gib"]] = math.nan
+    cost = costs.groupby("config", sort=False)[["train_s"] + [c for c, _ in MEMORY_COLS]].median().reindex(t.index)
     mem = next(((c, label) for c, label in MEMORY_COLS if cost[c].notna().all()), None)
-    axes = [("train_s", "training time, s")] + ([mem] if mem else [])
+    time_axis = [("train_s", "training time, s")] if cost["train_s"].notna().all() else []
+    axes = time_axis + ([mem] if mem else [])
+    if not axes:
+        return None, ("No cost-quality frontier: no cost measure covers every configuration (runs side by side have "
+                      "no training time of their own)." + side_by_side_note(rows))
     fig = make_subplots(rows=1, cols=len(axes), shared_yaxes=True, subplot_titles=[a[1] for a in axes])
     fronts = {}
     for i, (col, label) in enumerate(axes, start=1):
@@ -1052,12 +1402,13 @@ def cost_quality_frontier(summary: pd.DataFrame):
             s += (f", {f[-1]} best ({cost.loc[f[-1], col]:.2f}{unit}, ppl "
                   f"{_ci_words(t.loc[f[-1], 'ppl_after_mean'], t.loc[f[-1], 'ppl_after_ci95'])})")
         return s + f", {len(f)} of {len(t)} configurations on the front"
-    line = "Time front: " + describe("train_s", " s")
-    if mem:
-        line += f"; memory front ({mem[0]}): " + describe(mem[0], " GiB")
-    else:
-        line += "; no memory measure covers every configuration"
-    return fig, line + "." + note + _q4_1_note(rows) + side_by_side_note(rows)
+    parts = ["time front: " + describe("train_s", " s") if time_axis else
+             "no time front (runs side by side have no training time of their own)"]
+    parts.append(f"memory front ({mem[0]}): " + describe(mem[0], " GiB") if mem else
+                 "no memory measure covers every configuration")
+    line = "; ".join(parts)
+    line = line[0].upper() + line[1:]
+    return fig, line + "." + note + _q4_1_note(rows) + side_by_side_note(rows) + machines_note(own_costs(rows))
 
 
 REPEAT_CHARTS = (perplexity_ci, quantization_gap, rank_returns, cost_quality_frontier)

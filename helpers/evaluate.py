@@ -5,9 +5,27 @@ import torch
 import torch.nn.functional as F
 
 
+def _batches(blocks, batch_size: int):
+    """[n, seq_len] tensor: slices of batch_size rows. A list of 1-D tensors of any lengths: consecutive blocks of
+    one length stacked, at most batch_size at a time (no padding, so no position is scored that is not a token)."""
+    if isinstance(blocks, torch.Tensor):
+        for i in range(0, len(blocks), batch_size):
+            yield blocks[i : i + batch_size]
+        return
+    run = []
+    for b in blocks:
+        if run and (len(b) != len(run[0]) or len(run) == batch_size):
+            yield torch.stack(run)
+            run = []
+        run.append(b)
+    if run:
+        yield torch.stack(run)
+
+
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, device=None) -> dict:
-    """Perplexity of `model` on token blocks [n, seq_len]; every position but the first is scored.
+def perplexity(model, blocks, batch_size: int = 8, device=None) -> dict:
+    """Perplexity of `model` on token blocks: a [n, seq_len] tensor, or a list of 1-D tensors of unequal lengths
+    (at least 2 tokens each); every position but each block's first is scored, so a longer block weighs more.
 
     Returns {"ppl", "nll_sum", "tokens"} so results can be pooled across calls exactly.
     """
@@ -16,8 +34,8 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8, device=None) ->
     device = device or next(model.parameters()).device
     nll_sum, tokens = 0.0, 0
     try:
-        for i in range(0, len(blocks), batch_size):
-            x = blocks[i : i + batch_size].to(device)
+        for x in _batches(blocks, batch_size):
+            x = x.to(device)
             logits = model(input_ids=x).logits[:, :-1].float()
             target = x[:, 1:]
             nll_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum").item()

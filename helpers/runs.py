@@ -17,7 +17,7 @@ from .train import BNB_OPTIMIZERS, OPTIMIZERS
 SIDECAR_VERSION = 1
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")
-OFF_NOT_IN_ID = (*LEVERS, "eval_every")  # added after the first runs were recorded: in the id only when on
+OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast")  # added after the first runs were recorded: in the id only when on
 
 
 def resolve_device(device: str) -> str:
@@ -79,6 +79,11 @@ def validate(config: dict, here: bool = True) -> None:
             raise RuntimeError(problem)
     if here and c["vram_budget_gib"] > 0 and not resolve_device(c["device"]).startswith("cuda"):
         raise ValueError(f"vram_budget_gib={c['vram_budget_gib']!r} needs a CUDA device; this run is on the CPU")
+    upcast = c.get("fp32_upcast", False)
+    _need(isinstance(upcast, bool), "fp32_upcast", upcast, "True or False")
+    _need(not upcast or c["quant"] == "none", "fp32_upcast", upcast,
+          f"False with quant {c['quant']!r}: only the 16-bit arm (quant none) takes it; the QLoRA arms are upcast "
+          "already (keep_16bit=True turns that off)")
     on_gpu = resolve_device(c["device"]).startswith("cuda") if here else None
     for name, value, allowed in lever_problems({**levers_of(c), "quant": c["quant"]}, on_gpu):
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
@@ -346,7 +351,8 @@ def finish(run: dict) -> Path:
 SUMMARY_KEYS = [
     ("status", "status"), ("params_trainable", "trainable params"), ("params_total", "total params"),
     ("weights_gib", "weights (GiB)"), ("load_s", "load (s)"), ("train_s", "train (s)"),
-    ("step_time_median_s", "median step (s)"), ("tokens_per_s", "tokens/s (steady)"),
+    ("step_time_median_s", "median step (s)"), ("tokens_per_s", "tokens/s (steady steps)"),
+    ("tokens_per_s_window", "tokens/s (steady window, between-step work included)"),
     ("peak_rss_gib", "peak RSS (GiB)"), ("peak_allocated_gib", "peak allocated (GiB)"),
     ("peak_reserved_gib", "peak reserved (GiB)"), ("peak_nvml_process_used_gib", "peak NVML process used (GiB)"),
     ("non_torch_peak_gib", "non-torch incl. CUDA context (GiB)"), ("peak_process_est_gib", "process peak est. (GiB)"),

@@ -12,6 +12,8 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
+from .levers import IGNORE_INDEX
+
 GIB = 2**30
 
 
@@ -195,13 +197,25 @@ def memory_peaks(device: str, nvml: Nvml | None = None, history=()) -> dict:
     return out
 
 
+def loss_tokens(batch: dict) -> int:
+    """Tokens that carry loss in one micro-batch: label positions after the first (the model predicts token t+1
+    from tokens up to t) that are not ignored, as transformers' causal-LM loss counts them."""
+    labels = batch["labels"]
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
 class StepTelemetry(TrainerCallback):
     """Trainer callback: one row per optimizer step, plus energy over the training window.
 
-    tokens_per_step counts tokens that carry loss (batch * grad_accum * (seq_len - 1)).
+    A step's tokens are the loss tokens actually in its micro-batches (count_batches, which
+    helpers.train.make_trainer's Trainer calls as it fetches them: the last batch of an epoch can hold fewer
+    blocks); tokens_per_step is only the fallback for a Trainer that does not count. step_begin_s is when the step
+    began, in seconds of training since on_train_begin (evaluations left out), so tokens/s can be taken over the
+    whole window of the steady steps (data loading, logging and telemetry between steps included) as well as over
+    the steps alone.
     """
 
-    def __init__(self, device: str, tokens_per_step: int):
+    def __init__(self, device: str, tokens_per_step: int | None = None):
         self.device = device
         self.tokens_per_step = tokens_per_step
         self.nvml = Nvml(device)
@@ -210,8 +224,13 @@ class StepTelemetry(TrainerCallback):
         self.window_s = None  # the training window the energy covers
         self._t0 = self._train_t0 = self._e0 = None
         self._last_power = None
+        self._step_tokens = None  # counted for the step about to run (count_batches)
         self.sampled_energy_j = 0.0  # fallback: power sampled at step ends x step time
         self.excluded_s, self.excluded_j = 0.0, 0.0  # work inside the window that is not training (evaluations)
+
+    def count_batches(self, batches) -> None:
+        """The micro-batches of the coming optimizer step, as the Trainer fetched them: their loss tokens."""
+        self._step_tokens = sum(loss_tokens(b) for b in batches)
 
     def on_train_begin(self, args, state, control, **kw):
         sync(self.device)
@@ -230,10 +249,13 @@ class StepTelemetry(TrainerCallback):
         power = self.nvml.power_w()
         if power is not None:
             self.sampled_energy_j += power * dt
+        tokens = self._step_tokens if self._step_tokens is not None else self.tokens_per_step
+        self._step_tokens = None
         row = {
             "step": state.global_step,
             "step_time_s": dt,
-            "tokens": self.tokens_per_step,
+            "step_begin_s": None if self._train_t0 is None else self._t0 - self._train_t0 - self.excluded_s,
+            "tokens": tokens,
             "loss": None,
             "learning_rate": None,
             "power_w": power,
@@ -271,12 +293,18 @@ class StepTelemetry(TrainerCallback):
         """Steady-state throughput (after warm-up steps) and energy over the training window."""
         steady = self.history[warmup_steps:] or self.history
         t = sum(r["step_time_s"] for r in steady)
-        tokens = sum(r["tokens"] for r in steady)
-        all_tokens = sum(r["tokens"] for r in self.history)
+        counted = None not in [r["tokens"] for r in self.history]
+        tokens = sum(r["tokens"] for r in steady) if counted else None
+        all_tokens = sum(r["tokens"] for r in self.history) if counted else None
+        # the window: from the first steady step's start to the last step's end (evaluations left out)
+        begin, last = (steady[0].get("step_begin_s"), steady[-1].get("step_begin_s")) if steady else (None, None)
+        window = last + steady[-1]["step_time_s"] - begin if begin is not None and last is not None else None
         out = {
             "steps": len(self.history),
             "tokens_trained": all_tokens,
-            "tokens_per_s": tokens / t if t else None,
+            "tokens_per_s": tokens / t if t and tokens is not None else None,  # over the steps alone
+            "steady_window_s": window,
+            "tokens_per_s_window": tokens / window if window and tokens is not None else None,
             "step_time_median_s": _median([r["step_time_s"] for r in steady]),
             "energy_j": None,
             "energy_source": None,

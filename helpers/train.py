@@ -10,27 +10,74 @@ OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bi
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
 
+def upcasts_to_fp32(quant: str, keep_16bit: bool = False, fp32_upcast: bool = False) -> bool:
+    """Whether norms, embeddings and head train in float32: the precision half of the 2 x 2 of quantization and
+    precision (parameters/precision.yaml), decided here only.
+
+        quant none               16-bit: no upcast; fp32_upcast=True gives it the QLoRA arms' upcast
+        quant nf4 | fp4 | int8   peft's prepare_model_for_kbit_training upcasts; keep_16bit=True skips it
+
+    The upcast embedding makes the whole residual stream float32 (tests/test_levers.py), so a QLoRA arm and a
+    16-bit arm differ in precision as well as in quantization unless one of the two switches matches them."""
+    if quant == "none":
+        if keep_16bit:
+            raise ValueError("keep_16bit=True is not allowed with quant 'none': only QLoRA upcasts (use fp32_upcast "
+                             "to give the 16-bit arm the same upcast)")
+        return bool(fp32_upcast)
+    if fp32_upcast:
+        raise ValueError(f"fp32_upcast=True is not allowed with quant {quant!r}: only quant 'none' takes it (the "
+                         "QLoRA arms are upcast already; keep_16bit=True turns their upcast off)")
+    return not keep_16bit
+
+
+def upcast_like_kbit(model):
+    """peft's upcast for an unquantized base: every parameter that bitsandbytes would leave unquantized (norms,
+    embeddings, the output head: all but the decoder's Linear weights) to float32, as prepare_model_for_kbit_training
+    does to a quantized model's (it casts every 16-bit parameter, which on a 16-bit base would be all of them).
+    Each 16-bit Linear then computes as bitsandbytes' Linear4bit does: its float32 input cast to the weight's dtype,
+    its output cast back to float32, so the residual stream stays float32 outside autocast too (evaluation)."""
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    keep = {id(m.weight) for m in linears}
+    for p in model.parameters():
+        if id(p) not in keep and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.to(torch.float32)
+    for m in linears:
+        if m.weight.dtype in (torch.float16, torch.bfloat16):
+            m.forward = _computing_in(m.forward, m.weight.dtype)
+    return model
+
+
+def _computing_in(forward, dtype):
+    def cast_forward(x):
+        return forward(x.to(dtype)).to(x.dtype)
+    return cast_forward
+
+
 def attach_lora(model, quant: str, lora_r: int, lora_alpha: int, lora_dropout: float,
-                target_modules: str = "all-linear", gradient_checkpointing: bool = True, keep_16bit: bool = False):
+                target_modules: str = "all-linear", gradient_checkpointing: bool = True, keep_16bit: bool = False,
+                fp32_upcast: bool = False):
     """Freeze the base, add LoRA adapters, and set up gradient checkpointing the same way in both arms.
 
-    keep_16bit (QLoRA only): freeze and checkpoint as peft's prepare_model_for_kbit_training does, but leave
-    norms, embeddings and head in the compute dtype instead of upcasting them to float32."""
+    Precision (upcasts_to_fp32): QLoRA goes through peft's prepare_model_for_kbit_training (float32 norms,
+    embeddings and head) unless keep_16bit, which freezes and checkpoints the same way but leaves them in the
+    compute dtype; quant none stays 16-bit unless fp32_upcast, which gives it the same upcast as QLoRA."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     gc_kwargs = {"use_reentrant": False}
-    if quant != "none" and keep_16bit:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
-    elif quant != "none":
+    upcast = upcasts_to_fp32(quant, keep_16bit, fp32_upcast)
+    if quant != "none" and upcast:
         # freezes the base, casts norms/embeddings to fp32, enables checkpointing
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=gc_kwargs
         )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if upcast:
+            upcast_like_kbit(model)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     targets = "all-linear" if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",")]
     cfg = LoraConfig(
         r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -62,7 +109,8 @@ def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, 
     """A Trainer set up for a fixed number of optimizer steps, no checkpoints, no reporting.
 
     levers (helpers.levers): with offload_activations or chunked_loss on, the loss goes through them; with
-    both off it is transformers' own Trainer, the plain reference."""
+    both off it is transformers' own Trainer, the plain reference. Either way it counts each step's loss tokens
+    for a StepTelemetry among the callbacks (counting)."""
     from transformers import Trainer, TrainingArguments
 
     from .levers import lever_trainer_class
@@ -93,5 +141,23 @@ def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, 
     kw = dict(model=model, args=args, train_dataset=BlockDataset(train_blocks), callbacks=list(callbacks))
     levers = levers or {}
     if levers.get("offload_activations") or levers.get("chunked_loss"):
-        return lever_trainer_class()(**kw, levers=levers, on_gpu=on_gpu)
-    return Trainer(**kw)
+        return counting(lever_trainer_class())(**kw, levers=levers, on_gpu=on_gpu)
+    return counting(Trainer)(**kw)
+
+
+def counting(trainer_class):
+    """trainer_class that hands each optimizer step's micro-batches, as it fetches them (before on_step_begin), to
+    its StepTelemetry callbacks, so a step's tokens are the loss tokens it held (an epoch's last batch holds
+    fewer blocks). It only looks: the training is trainer_class's."""
+    from .telemetry import StepTelemetry
+
+    class CountingTrainer(trainer_class):
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, StepTelemetry):
+                    cb.count_batches(batches)
+            return batches, num_items
+
+    CountingTrainer.__name__ = CountingTrainer.__qualname__ = f"Counting{trainer_class.__name__}"
+    return CountingTrainer

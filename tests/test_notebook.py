@@ -18,9 +18,10 @@ def test_notebook_runs_default_model_and_writes_sidecar(tmp_path):
     [sidecar] = list(out.glob("*.json"))
     r = json.loads(sidecar.read_text())
     assert r["status"] == "ok" and r["error"] is None
-    assert r["config"]["quant"] == "nf4" and r["config"]["lora_r"] == 8 and len(r["config"]) == 32
+    assert r["config"]["quant"] == "nf4" and r["config"]["lora_r"] == 8 and len(r["config"]) == 33
     m = r["metrics"]
-    for k in ("ppl_before", "ppl_after", "tokens_per_s", "peak_rss_gib", "weights_gib", "load_s", "train_s"):
+    for k in ("ppl_before", "ppl_after", "tokens_per_s", "tokens_per_s_window", "peak_rss_gib", "weights_gib", "load_s",
+              "train_s"):
         assert m[k] is not None and math.isfinite(m[k]) and m[k] > 0, k
     assert 0 < m["params_trainable"] < m["params_total"]
     assert m["grad_check_rel_error"] < 1e-4 and m["grad_check_s"] > 0  # the guard ran, on a 4-bit layer

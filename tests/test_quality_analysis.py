@@ -77,10 +77,46 @@ def test_rank_returns_finds_the_flattening_rank(tmp_path):
     summary = quality_sweep(tmp_path / "q")
     fig, line = analysis.rank_returns(summary)
     assert fig is not None
-    # half width at 3 seeds with sd 0.1: 0.248; best r64 21.95 -> bound 22.198: r16 (22.1) for none,
-    # for nf4 (x1.01): best 22.17 + 0.251 = 22.42, r16 22.32 -> r16 as well
-    assert "none r16 (within the interval of its best, r64)" in line
-    assert "nf4 r16" in line
+    # paired by seed (the offsets cancel): r32 22.0 vs best r64 21.95 is +0.228% in every seed, within the
+    # +0.25% margin; r16 22.1 is +0.68%. The unpaired rule (best 21.95 + 0.248) took r16.
+    assert line.startswith("Rule: returns flatten at the smallest rank whose paired difference")
+    assert "none r32 (best r64; r16 +0.68%" in line and "nf4 r32 (best r64" in line
+    assert analysis.flattening_rank([4, 8, 16, 32, 64], list(MEANS.values()), [0.248] * 5) == 16
+
+
+def rank_sweep(folder, ppl):
+    """A one-arm sweep: ppl[rank] = the three seeds' ppl_after."""
+    for r, values in ppl.items():
+        for seed, v in enumerate(values):
+            rec = fake_record(False, quant="none", lora_r=r, seed=seed)
+            rec["metrics"]["ppl_after"] = v
+            write_run(folder, rec, notebook=False)
+    return analysis.load_sweep(folder)[0]
+
+
+def test_paired_and_unpaired_rules_disagree_where_seeds_differ_more_than_ranks(tmp_path):
+    # the seeds differ by +-3% (shared by every rank: the same batch order), r4 is 0.4% worse than r16 in every
+    # seed, r8 0.1%: the unpaired rule sees r4's mean inside r16's wide interval; paired, r4 is worse beyond doubt
+    seeds = (0.97, 1.03, 1.0)
+    summary = rank_sweep(tmp_path / "s", {4: [10.04 * k for k in seeds], 8: [10.01 * k for k in seeds],
+                                          16: [10.0 * k for k in seeds]})
+    t = analysis.ppl_ci_table(summary).sort_values("lora_r")
+    assert analysis.flattening_rank(t["lora_r"], t["ppl_after_mean"], t["ppl_after_ci95"]) == 4  # unpaired
+    p = analysis.paired_rank_table(summary).set_index("lora_r")
+    assert p.loc[4, "mean_pct"] == pytest.approx(0.4) and p.loc[4, "ci95_pct"] == pytest.approx(0, abs=1e-9)
+    assert (p.loc[4, "worse"], p.loc[4, "better"]) == (3, 0) and not p.loc[4, "flat"]
+    assert p.loc[8, "flat"] and p.loc[16, "flat"] and p.loc[16, "best_r"] == 16
+    assert analysis.flattening_rank_paired(p.reset_index()) == 8
+    assert "none r8 (best r16; r4 +0.40% [+0.40, +0.40], worse in 3 of 3 seeds)" in analysis.rank_returns(summary)[1]
+
+
+def test_too_few_seeds_to_tell_make_no_rank_flat(tmp_path):
+    # r8 is on average as good as r16, but its paired differences swing +-2%: its interval includes 0, which a
+    # "not shown worse" rule would accept; the equivalence rule does not, so the flattening rank is the best, r16
+    summary = rank_sweep(tmp_path / "s", {8: [10.2, 9.8, 10.0], 16: [10.0, 10.0, 9.999]})
+    p = analysis.paired_rank_table(summary).set_index("lora_r")
+    assert p.loc[8, "lo_pct"] < 0 < p.loc[8, "hi_pct"] and not p.loc[8, "flat"]
+    assert analysis.flattening_rank_paired(p.reset_index()) == 16
 
 
 def test_quantization_gap_exact_and_with_interval(tmp_path):

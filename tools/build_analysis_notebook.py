@@ -25,6 +25,8 @@ papermill notebooks/02_analysis.ipynb reports/default/analysis.ipynb -p sweep_di
     code('''
 sweep_dir: str = "reports/default"  # the sweep folder (holds runs/); relative to the project root
 explore: bool = True                # ipywidgets selectors at the end (JupyterLab); the HTML report sets False
+pair_with: str = ""                 # other sweep folders (comma-separated) whose runs pair with this one's in the
+                                    # precision-matched section: reports/precision pairs with reports/quality
 ''', tags=["parameters"]),
     md("## The sweep\nHow many runs this folder holds and how they ended, against the sweep file that plans them. A sidecar or executed notebook that cannot be read is marked, not fatal."),
     code('''
@@ -83,8 +85,10 @@ analysis.show(*analysis.cost_quality(summary))
     md("""## Quality across seeds: confidence intervals, the quantization-only gap, rank, and cost
 Shown only for a sweep with several seeds per configuration (`repeats` ≥ 2), such as `parameters/quality.yaml`.
 Intervals are 95% Student t intervals across seeds (mean ± t(0.975, n−1) · s/√n). The quantization-only gap
-compares the bases before any training on the same eval blocks. Returns flatten at the smallest rank whose
-mean perplexity is within the best rank's interval. Synthetic runs are left out."""),
+compares the bases before any training on the same eval blocks. Where returns flatten is judged per arm, each
+rank against the arm's best rank paired by seed (the runs of one seed share their batch order): the smallest
+rank whose paired difference has a 95% interval ending at or below +0.25% (`analysis.FLAT_RULE`); the table gives
+every rank's paired difference and in how many seeds it is worse. Synthetic runs are left out."""),
     code('''
 problem = analysis.repeats_problem(summary)
 if problem:
@@ -93,6 +97,19 @@ else:
     display(analysis.ppl_ci_table(summary).round(4))
     for chart in analysis.REPEAT_CHARTS:
         analysis.show(*chart(summary))
+    display(analysis.paired_rank_table(summary).round(4))
+'''),
+    md("""## Quantization apart from precision
+The QLoRA arms train with peft's float32 upcast of norms, embeddings and head (a float32 residual stream); the
+16-bit arm does not. `parameters/precision.yaml` adds a 16-bit arm with that upcast (`fp32_upcast`) and an NF4 arm
+without it (`keep_16bit`), so NF4 / 16-bit can be compared with precision matched both ways, paired by rank and
+seed. Its runs pair with `reports/quality`'s: pass `pair_with` (`-p pair_with reports/quality`)."""),
+    code('''
+joined = analysis.load_sweeps([sweep, *[p.strip() for p in pair_with.split(",") if p.strip()]])[0] if pair_with else summary
+fig, line = analysis.precision_matched(joined)
+analysis.show(fig, line)
+if fig is not None:
+    display(analysis.precision_table(joined).round(4))
 '''),
     md("## Energy per 1k training tokens\nFrom NVML's energy counter over the training window (sampled power as a fallback); absent, not zero, where neither exists."),
     code('''
@@ -100,8 +117,12 @@ analysis.show(*analysis.energy_per_token(summary))
 '''),
     md("## Speed and memory levers\nEach lever (fused kernels, `torch.compile`, offloaded activations, 16-bit head and "
        "embeddings, chunked loss, tiled MLP, fused AdamW, no checkpointing) against the plain stack of the same configuration; "
-       "shown for a sweep that varies them, such as `parameters/levers.yaml`. `loss_gap_pct` is the equivalence check: the "
-       "largest difference of the training loss at any logged step from the plain run's, in percent."),
+       "shown for a sweep that varies them, such as `parameters/levers.yaml`. Speed, memory and energy are compared only "
+       "with plain runs of the same machine (`machine`); a run that shared the device has none. The equivalence check "
+       "(`check`, `analysis.CHECK_RULE`) compares each lever run with the plain run of the same seed: how much its "
+       "training loss fell (`fall_kept`, 1 = as much) and its held-out perplexity after training (`ppl_after_x`); it says "
+       "*cannot tell* where the plain run's loss fell < 10% (random weights), where no lever can be told apart. "
+       "`loss_gap_pct`, the largest difference of the training loss at any logged step, is kept beside it."),
     code('''
 lever_table = analysis.lever_table(summary, history)
 fig, line = analysis.lever_effects(summary, lever_table)

@@ -47,6 +47,8 @@ quant: str = "nf4"             # none | nf4 | fp4 | int8 -- base weights: none i
 dtype: str = "auto"            # auto | bfloat16 | float16 | float32 -- base dtype (quant none) and 4-bit compute dtype;
                                # auto: bfloat16 on a GPU, float32 on a CPU (bf16 is emulated, ~25x slower, on many CPUs)
 double_quant: bool = True      # 4-bit only: also quantize the quantization constants (~0.37 bit/param saved)
+fp32_upcast: bool = False      # quant none only: norms, embeddings and head in float32, the upcast peft gives QLoRA
+                               # (the precision-matched 16-bit arm of parameters/precision.yaml)
 # --- data ---------------------------------------------------------------------------------------
 corpus: str = "pydoc"          # pydoc (ships with Python) | a local .txt / .jsonl | a hub dataset 'owner/name[:config]'
                                # | random-tokens (uniform token ids; synthetic models, and only they, use it)
@@ -134,7 +136,8 @@ print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{no
 from helpers.train import attach_lora, make_trainer
 from transformers import set_seed
 set_seed(seed)
-net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, keep_16bit)
+net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, keep_16bit,
+                  fp32_upcast=fp32_upcast)
 net = levers.apply_to_peft(net, lever_cfg)  # tiled MLPs and torch.compile of each decoder layer, if on
 on_levers = {k: v for k, v in lever_cfg.items() if v}
 print(f"levers: {on_levers or 'none (the plain stack)'}")
@@ -156,7 +159,7 @@ print(f"gradient check: {check['layer']} relative error {check['rel_error']:.2g}
        "energy from NVML's counter over the training window on a GPU. Memory peaks: torch (allocated, reserved), NVML "
        "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
-steps = telemetry.StepTelemetry(run["device"], tokens_per_step=batch_size * grad_accum * (seq_len - 1))
+steps = telemetry.StepTelemetry(run["device"])  # counts each step's loss tokens as the Trainer fetches its batches
 callbacks = [steps]
 if eval_every:  # held-out perplexity during training; its time and energy are left out of the training figures
     from helpers.evaluate import held_out_curve
@@ -170,7 +173,8 @@ run["history"] = steps.history
 run["metrics"].update(steps.summary(timing_warmup_steps))
 runs.record_memory(run, steps)
 m = run["metrics"]
-print(f"{m['tokens_per_s']:.0f} tokens/s steady, median step {m['step_time_median_s']:.3f} s")
+print(f"{m['tokens_per_s']:.0f} tokens/s over the steady steps ({m['tokens_per_s_window']:.0f} over their whole window, "
+      f"between-step work included), median step {m['step_time_median_s']:.3f} s")
 if m["peak_reserved_gib"] is not None:
     print(f"peak torch reserved {m['peak_reserved_gib']:.2f} GiB + non-torch {m['non_torch_peak_gib'] or float('nan'):.2f} GiB "
           f"(CUDA context {m['cuda_context_gib'] or float('nan'):.2f}); energy {m['energy_j_per_1k_tokens'] or float('nan'):.1f} J / 1k tokens")
