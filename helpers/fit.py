@@ -604,3 +604,46 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- the pre-registered check ----------------------------------------------------------------------------------------
+
+PREREGISTERED = Path("reports/fit/preregistered.csv")
+PREREG_COLUMNS = ("run_id", "model", "quant", "batch_size", "seq_len", "gradient_checkpointing", "vram_budget_gib",
+                  "predicted_status", "predicted_allocated_gib", "predicted_reserved_gib", "predicted_process_gib",
+                  "needs_under_cap_gib", "peak_moment")
+
+
+def preregistration_rows(configs: list[dict]) -> list[dict]:
+    """The committed predictions for a sweep's expanded configurations (helpers.sweep.expand)."""
+    rows = []
+    for cfg in configs:
+        pred = predict({k: cfg[k] for k in DEFAULTS if k in cfg})
+        rows.append({"run_id": cfg["run_id"], **{k: cfg[k] for k in PREREG_COLUMNS[1:7]},
+                     "predicted_status": "ok" if pred["fits_budget"] else "oom",
+                     "predicted_allocated_gib": round(pred["peak_allocated_gib"], 3),
+                     "predicted_reserved_gib": round(pred["peak_reserved_gib"], 3),
+                     "predicted_process_gib": round(pred["peak_process_gib"], 3),
+                     "needs_under_cap_gib": round(pred["needs_under_cap_gib"], 3), "peak_moment": pred["peak_moment"]})
+    return rows
+
+
+def preregistered_vs_measured(path: str | Path = PREREGISTERED, reports: str | Path = "reports") -> list[dict]:
+    """The committed predictions beside what was measured (reports/fit-check/runs/<run_id>.json), row by row;
+    measured fields are None for runs not measured yet. Uses the predictions as committed, not today's."""
+    import csv
+
+    measured = {r["id"]: r for r in measured_runs(reports) if r["source"].startswith("fit-check")}
+    out = []
+    for row in csv.DictReader(Path(path).open()):
+        m = measured.get(row["run_id"])
+        rec = {**row, "measured_status": m["status"] if m else None}
+        for key in ("allocated", "reserved", "process"):
+            pred = float(row[f"predicted_{key}_gib"])
+            val = m[f"{key}_gib"] if m and m["status"] == "ok" else None
+            rec[f"measured_{key}_gib"] = val
+            rec[f"error_{key}"] = pred / val - 1 if val else None
+        budgeted = float(row["vram_budget_gib"]) > 0
+        rec["status_right"] = (row["predicted_status"] == m["status"]) if (m and budgeted) else None
+        out.append(rec)
+    return out
