@@ -423,6 +423,43 @@ def validation_table(rows: list[dict] | None = None) -> list[dict]:
     return out
 
 
+def validation_summary(rows: list[dict]) -> dict:
+    """The numbers the issue's bars are judged by, over validation_table() rows: median and largest absolute
+    error of each peak (all runs that finished, and those that ran alone on the GPU), and ok/OOM right for
+    budgeted runs, overall and for the Trainer runs and the max-context probes apart."""
+    import statistics
+
+    out = {}
+    for key in ("allocated", "reserved", "process"):
+        for who, sel in (("all", lambda r: True), ("alone", lambda r: r["side_by_side"] == 1)):
+            errs = [abs(r[f"error_{key}"]) for r in rows if r[f"error_{key}"] is not None and sel(r)]
+            out[f"{key}_{who}_n"] = len(errs)
+            out[f"{key}_{who}_median"] = statistics.median(errs) if errs else None
+            out[f"{key}_{who}_max"] = max(errs) if errs else None
+    for who, sel in (("all", lambda r: True), ("runs", lambda r: "max_context" not in r["source"]),
+                     ("probes", lambda r: "max_context" in r["source"])):
+        right = [r["status_right"] for r in rows if r["status_right"] is not None and sel(r)]
+        out[f"status_{who}_n"], out[f"status_{who}_right"] = len(right), sum(right)
+    return out
+
+
+def write_validation(path: str | Path = "reports/fit/validation.csv", rows: list[dict] | None = None) -> Path:
+    """validation_table() as a CSV (written to a temporary file, then renamed)."""
+    import csv
+
+    rows = rows if rows is not None else validation_table()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    tmp.replace(path)
+    return path
+
+
 # --- the inverse: what fits a card -------------------------------------------------------------------------------
 
 def fits_card(cfg: dict, card_gib: float, config: dict | None = None, evaluation: bool = True) -> bool:
@@ -494,6 +531,38 @@ def fastest_fit(cfg: dict, card_gib: float, plain: bool = False, config: dict | 
         if fits_card(run, card_gib, config, evaluation):
             return name, speed, settings, predict(run, config, evaluation)
     return None
+
+
+CARD_MODELS = {"Llama-2-7B": "llama-2-7b-shape", "Mistral-7B": "mistral-7b-shape", "Llama-3.1-8B": "llama-3.1-8b-shape",
+               "Qwen2.5-7B": "qwen2.5-7b-shape", "Llama-3.2-1B": "llama-3.2-1b-shape"}
+CARDS_GIB = (6, 8, 12, 16, 24)
+REFERENCE_SEQ_LEN = 2048  # the "fastest that fits" column: batch 1 x 2,048 tokens, LoRA r16 on all linears
+
+
+def card_table(models: dict = CARD_MODELS, cards=CARDS_GIB, seq_len: int = REFERENCE_SEQ_LEN) -> list[dict]:
+    """What fits each card (whole process, a bare training step as benchmarks/max_context.py measures it): the
+    largest seq_len at batch 1 and the fastest recipe at batch 1 x seq_len, with the plain stack and with levers."""
+    rows = []
+    for label, model in models.items():
+        config = read_config(model)
+        for card in cards:
+            row = {"model": label, "card_gib": card}
+            for plain in (True, False):
+                kind = "plain" if plain else "levers"
+                recipes = [r for r in RECIPES if r[2] or not plain]
+                best_len, best_name = 0, None
+                for name, _, _, settings in recipes:
+                    run = {"model": model, "batch_size": 1, "eval_blocks": 1, **settings}
+                    n = max_seq_len(run, card, config=config, evaluation=False)
+                    if n > best_len:
+                        best_len, best_name = n, name
+                fast = fastest_fit({"model": model, "batch_size": 1, "seq_len": seq_len}, card, plain, config, False)
+                row[f"{kind}_max_seq_len"] = best_len
+                row[f"{kind}_max_seq_len_with"] = best_name
+                row[f"{kind}_fastest_at_{seq_len}"] = fast[0] if fast else None
+                row[f"{kind}_fastest_speed"] = fast[1] if fast else None
+            rows.append(row)
+    return rows
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
