@@ -5,8 +5,9 @@
 
 The run is the training notebook's (notebooks/01_train.ipynb): its parameter names, its defaults, its order of
 work (load -> perplexity before -> train -> perplexity after), transformers' Trainer with bf16 autocast, LoRA on
-the linear layers, every lever of helpers/levers.py. The peak is the largest of four moments, each the sum of
-what is alive then (bytes per token are for one micro-batch of T = batch_size x seq_len tokens):
+the linear layers, every lever of helpers/levers.py. The peak is the largest of four moments (the loss, the
+backward of a layer, the optimizer step, the evaluation), each the sum of what is alive then (per micro-batch of
+T = batch_size x seq_len tokens):
 
     weights        base weights as held on the GPU. 16-bit: 2 B/param. NF4/FP4: 0.5 B per linear weight plus
                    bitsandbytes' blockwise constants (one fp32 absmax per 64 weights = 0.5 bit/param; with
@@ -26,25 +27,32 @@ what is alive then (bytes per token are for one micro-batch of T = batch_size x 
                    gradients (LOGITS_BYTES per token per vocab entry, fitted in a derived bracket), plus a bf16
                    copy of an fp32 head that autocast keeps for backward. chunked_loss N: one chunk's worth.
                    fused_kernels: Liger's fused linear cross-entropy, chunks of the logits only.
-    eval           perplexity before and after training runs at batch 2 x batch_size without autocast or grad:
-                   its logits (fp32 after the upcast) and two fp32 copies; it sets the peak of some small models.
-    reserve        torch's caching allocator holds more than it has allocated: a share of the moment's
-                   transient tensors (RESERVE_TRANSIENT) and of the kept activations (RESERVE_KEPT); with
-                   eval_every the evaluation's blocks are cached beside training's. Under an allocator cap the
-                   allocator frees its cache before it fails: a run fails when allocated + CAP_HEADROOM x
-                   transient exceeds the cap.
+    eval           perplexity before training runs at batch 2 x batch_size (at most the eval blocks) without
+                   autocast or grad (the peak counters are read before the pass after training): its logits and
+                   their fp32 copies (EVAL_LOGITS_BYTES); it sets the peak of small models with big vocabularies.
+    reserve        torch's caching allocator holds more than it has allocated: a share of one layer's
+                   intermediate tensors (RESERVE_TRANSIENT) and of the kept activations (RESERVE_KEPT);
+                   evaluation runs first on an empty cache and training reuses its blocks, but with eval_every
+                   the evaluations' blocks are cached beside training's. Under an allocator cap (or on a full
+                   card) the allocator frees its cache before it fails: a run fails when a moment's allocated
+                   memory plus CAP_HEADROOM (the loss) or CAP_HEADROOM_LAYER (the others) times its transient
+                   tensors exceeds the cap.
     outside torch  the CUDA context, cuBLAS/cuBLASLt handles and kernels loaded by bitsandbytes: NVML's
                    process figure minus torch's reserved, measured at 0.74 GiB (0.80 with int8) on an H200
                    with CUDA 12 (OUTSIDE_TORCH_GIB). A consumer card's context is often smaller (0.3-0.5 GiB):
                    the prediction errs on the safe side there.
 
-Derived from shapes and documented library behaviour: every byte count above but the six constants below.
-Fitted (six parameters, on the committed H200 runs of reports/gpu-7b, levers, fast-arm, quality and the
-max-context probes; the pre-registered grid in reports/fit/preregistered.csv was predicted before it was run
-and was not used): LOGITS_BYTES, ACT_SCALE (how much of the enumerated per-layer tensors autograd keeps),
-INT8_EXTRA (bitsandbytes' int8 backward, not derivable from its documentation), COMPILE_SCALE
-(torch.compile's saved-tensor reduction), RESERVE_TRANSIENT and CAP_HEADROOM. OUTSIDE_TORCH_GIB is measured,
-not fitted; RESERVE_KEPT is set, not fitted (0.02).
+Derived from shapes and documented library behaviour: every byte count above, the per-layer enumeration in
+layer_bytes_per_token included. Measured, not fitted (3): OUTSIDE_TORCH_GIB and OUTSIDE_TORCH_INT8_GIB (NVML
+minus torch, the same in every run of its kind) and WORKSPACE_GIB (allocated after a step minus what it should
+hold). Fitted (10 parameters, by tools/fit_constants.py on the committed H200 runs of reports/gpu-7b, levers,
+fast-arm, quality, quality-steps and the max-context probes; the pre-registered runs of parameters/fit-check.yaml
+are never used): LOGITS_BYTES and EVAL_LOGITS_BYTES (how many T x vocab buffers are alive at the loss and in
+evaluation; derivation brackets them, freeing order decides), ACT_SCALE (share of the enumerated per-layer tensors
+autograd keeps: 1.12, so the enumeration is within 12%), COMPILE_SCALE (what torch.compile's partitioner keeps),
+INT8_EXTRA (bitsandbytes' int8 backward: not derivable from its documentation, from one 7B run and the quality
+sweep's 135M ones), RESERVE_TRANSIENT, RESERVE_KEPT and EVAL_EVERY_RESERVE (the caching allocator's
+fragmentation), CAP_HEADROOM and CAP_HEADROOM_LAYER (what still has to fit under a cap).
 
 No torch import: the CLI answers in well under a second on any machine (tests check sys.modules).
 """
@@ -74,29 +82,30 @@ QUANT_BLOCK = 64          # bitsandbytes 4-bit blocksize (weights per absmax)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with double quant
 
 # The notebook's defaults for what the predictor needs (notebooks/01_train.ipynb parameters cell).
-DEFAULTS = dict(model=registry.DEFAULT_MODEL, quant="nf4", dtype="auto", double_quant=True, lora_r=16,
-                lora_dropout=0.05, target_modules="all-linear", batch_size=4, seq_len=256, grad_accum=1,
+DEFAULTS = dict(model=registry.DEFAULT_MODEL, quant="nf4", dtype="auto", double_quant=True, lora_r=8,
+                lora_dropout=0.05, target_modules="all-linear", batch_size=2, seq_len=256, grad_accum=1,
                 gradient_checkpointing=True, optimizer="adamw_torch", eval_blocks=16, eval_every=0,
                 vram_budget_gib=0.0, fused_kernels=False, torch_compile=False, offload_activations=False,
                 keep_16bit=False, chunked_loss=0, tiled_mlp=0)
 
-# --- fitted and measured constants (see the module docstring) ----------------------------------------------
-LOGITS_BYTES = 12.0       # per token per vocab entry at the loss's peak; derived bracket 12 (fp32 log-softmax,
-#                           its gradient and the gradient of its input) .. 18 (and the bf16 logits and fp32 copy)
-EVAL_LOGITS_BYTES = 9.0  # per token per vocab entry in evaluate.perplexity; derived 10 (16-bit logits, an fp32
-#                           copy, log-softmax) .. 12 (fp32 logits after the upcast, and a contiguous copy)
-ACT_SCALE = 1.08           # share of the enumerated per-layer tensors that autograd keeps
-INT8_EXTRA = 28.0          # int8: extra bytes per token per layer per hidden unit kept by bitsandbytes' backward
-COMPILE_SCALE = 0.5       # torch.compile (regional): share of a layer's saved tensors it keeps
-RESERVE_TRANSIENT = 1.25   # reserved over allocated, as a share of the peak moment's transient tensors
-RESERVE_KEPT = 0.1       # ... and of the activations kept for backward (same-size blocks reused step to step)
-EVAL_EVERY_RESERVE = 1.9  # with eval_every: reserved grows by this many times the evaluation's transient
-CAP_HEADROOM = 0.26       # under an allocator cap: fragmentation that still has to fit, share of the transient
-OUTSIDE_TORCH_GIB = 0.74  # CUDA context + cuBLAS + libraries, NVML minus torch reserved (H200, CUDA 12)
-OUTSIDE_TORCH_INT8_GIB = 0.80
-SYNTHETIC_EVAL_BLOCKS = 16  # helpers.data: eval blocks of a random-tokens run with eval_blocks 0
-WORKSPACE_GIB = 0.07      # cuBLAS workspaces torch allocates through its own allocator (measured: resident
-#                           allocated minus the weights + adapters + AdamW state it should hold)
+# --- fitted and measured constants (see the module docstring; values from tools/fit_constants.py) -----------
+LOGITS_BYTES = 12.0         # per token per vocab entry at the loss's peak; derived bracket 12 (fp32 log-softmax,
+#                             its gradient and the gradient of its input) .. 18 (and the bf16 logits and fp32 copy)
+EVAL_LOGITS_BYTES = 9.0     # per token per vocab entry in evaluate.perplexity; derived 10 (16-bit logits, an fp32
+#                             copy, log-softmax) .. 12 (fp32 logits after the upcast, and a contiguous copy): the
+#                             fit says one buffer fewer than derived; we do not know which
+ACT_SCALE = 1.12            # share of the enumerated per-layer tensors that autograd keeps
+COMPILE_SCALE = 0.56        # torch.compile (regional) without checkpointing: share of a layer's tensors it keeps
+INT8_EXTRA = 26.0           # int8: bytes per token per layer per hidden unit kept by bitsandbytes' int8 path
+RESERVE_TRANSIENT = 1.25    # reserved over allocated: share of one layer's intermediate tensors (the forward pass
+RESERVE_KEPT = 0.09         # frees them between kept ones) and of the kept activations
+EVAL_EVERY_RESERVE = 1.9    # with eval_every: reserved grows by this many times the evaluation's transient
+CAP_HEADROOM = 0.76         # under an allocator cap, fragmentation that still has to fit: share of the loss's
+CAP_HEADROOM_LAYER = 0.24   # transient (a few logit-sized blocks), and of the other moments' (many smaller ones)
+OUTSIDE_TORCH_GIB = 0.74    # measured: CUDA context + cuBLAS + libraries, NVML minus torch reserved (H200, CUDA 12)
+OUTSIDE_TORCH_INT8_GIB = 0.80  # measured: the same with bitsandbytes' int8 kernels loaded
+WORKSPACE_GIB = 0.07        # measured: allocated after a step minus weights + adapters + AdamW state (4.61 - 4.54
+#                             GiB for the 7B shape): cuBLAS workspaces torch allocates through its own allocator
 
 
 # --- the model's shape ---------------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ def layer_bytes_per_token(s: dict, c: dict, resid: int, compute: int) -> float:
     """
     h, i, q, kv, r = s["hidden"], s["inter"], s["q_dim"], s["kv_dim"], c["lora_r"]
     liger = c["fused_kernels"]
-    norm = 0 if liger else 4 * h + (4 * h if resid != 4 else 0)  # Liger's RMSNorm keeps its input and 1/rms only
+    norm = 0 if liger else 4 * h  # Liger's RMSNorm keeps its input and 1/rms only
     per_in = 3 if c["lora_dropout"] > 0 else 2
     lora = sum(per_in * linear_dims(s)[m][0] + compute * r for m in targets(c["target_modules"]))
     attn = 2 * compute * q + 2 * compute * kv
@@ -297,7 +306,7 @@ def predict(cfg: dict, config: dict | None = None, evaluation: bool = True) -> d
     big = max(a * b for a, b in dims.values())
     layer_bwd = T * (resid * h + 2 * compute * max(s["inter"] / max(1, c["tiled_mlp"]), h)) \
         + (big * compute if quant != "none" else 0)
-    final_norm = T * resid * h  # the last layer's output, kept by the final norm
+    final_norm = 0 if c["offload_activations"] else T * resid * h  # the last layer's output, kept by the final norm
     if c["fused_kernels"]:  # Liger's fused linear cross-entropy: grad of the input, then chunks of the logits
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(T / max(1, math.ceil(V / h))))))
         head = T * h * 4 + min(chunk, T) * V * (compute + 4 + 4)
@@ -315,7 +324,7 @@ def predict(cfg: dict, config: dict | None = None, evaluation: bool = True) -> d
     # perplexity before training (the peak counters are read before the one after): no grad, no autocast,
     # batch 2 x batch_size, at most the eval blocks (random tokens with eval_blocks 0: 16 blocks)
     if evaluation:
-        blocks = c["eval_blocks"] or (SYNTHETIC_EVAL_BLOCKS if c["model"] in registry.SYNTHETIC else 2 * c["batch_size"])
+        blocks = c["eval_blocks"] or (registry.SYNTHETIC_EVAL_BLOCKS if c["model"] in registry.SYNTHETIC else 2 * c["batch_size"])
         Te = min(2 * c["batch_size"], blocks) * c["seq_len"]
         eval_t = Te * V * EVAL_LOGITS_BYTES + Te * (resid * h * 3 + compute * s["inter"] * 3)
         # before training there is no optimizer state yet; with eval_every the evaluations come between steps
@@ -337,7 +346,8 @@ def predict(cfg: dict, config: dict | None = None, evaluation: bool = True) -> d
     budget = c["vram_budget_gib"] * GIB
     # under an allocator cap the cache is freed before an allocation fails: what has to fit is each moment's
     # allocated memory plus the fragmentation its transient tensors leave
-    need_capped = static + max(k + t * (1 + CAP_HEADROOM) for k, t in moments.values())
+    need_capped = static + max(k + t * (1 + (CAP_HEADROOM if m == "loss" else CAP_HEADROOM_LAYER))
+                               for m, (k, t) in moments.items())
     fits = True
     if budget:
         fits = need_capped <= budget
@@ -429,16 +439,19 @@ def validation_summary(rows: list[dict]) -> dict:
     budgeted runs, overall and for the Trainer runs and the max-context probes apart."""
     import statistics
 
+    def given(x):  # None, or NaN after a trip through pandas: not measured
+        return x is not None and x == x
+
     out = {}
     for key in ("allocated", "reserved", "process"):
         for who, sel in (("all", lambda r: True), ("alone", lambda r: r["side_by_side"] == 1)):
-            errs = [abs(r[f"error_{key}"]) for r in rows if r[f"error_{key}"] is not None and sel(r)]
+            errs = [abs(r[f"error_{key}"]) for r in rows if given(r[f"error_{key}"]) and sel(r)]
             out[f"{key}_{who}_n"] = len(errs)
             out[f"{key}_{who}_median"] = statistics.median(errs) if errs else None
             out[f"{key}_{who}_max"] = max(errs) if errs else None
     for who, sel in (("all", lambda r: True), ("runs", lambda r: "max_context" not in r["source"]),
                      ("probes", lambda r: "max_context" in r["source"])):
-        right = [r["status_right"] for r in rows if r["status_right"] is not None and sel(r)]
+        right = [bool(r["status_right"]) for r in rows if given(r["status_right"]) and sel(r)]
         out[f"status_{who}_n"], out[f"status_{who}_right"] = len(right), sum(right)
     return out
 
@@ -552,11 +565,12 @@ def card_table(models: dict = CARD_MODELS, cards=CARDS_GIB, seq_len: int = REFER
                 recipes = [r for r in RECIPES if r[2] or not plain]
                 best_len, best_name = 0, None
                 for name, _, _, settings in recipes:
-                    run = {"model": model, "batch_size": 1, "eval_blocks": 1, **settings}
+                    run = {"model": model, "batch_size": 1, "lora_r": 16, "eval_blocks": 1, **settings}
                     n = max_seq_len(run, card, config=config, evaluation=False)
                     if n > best_len:
                         best_len, best_name = n, name
-                fast = fastest_fit({"model": model, "batch_size": 1, "seq_len": seq_len}, card, plain, config, False)
+                fast = fastest_fit({"model": model, "batch_size": 1, "lora_r": 16, "seq_len": seq_len}, card, plain,
+                                   config, False)
                 row[f"{kind}_max_seq_len"] = best_len
                 row[f"{kind}_max_seq_len_with"] = best_name
                 row[f"{kind}_fastest_at_{seq_len}"] = fast[0] if fast else None
@@ -619,12 +633,28 @@ def _parser():
     q.add_argument("--max-batch", action="store_true", help="largest batch_size at --seq-len")
     q.add_argument("--fastest", action="store_true", help="the fastest measured recipe that fits (plain and levers)")
     ap.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    ap.add_argument("--validate", action="store_true",
+                    help="predicted vs measured over every committed GPU run: write reports/fit/validation.csv")
+    ap.add_argument("--report", action="store_true",
+                    help="execute notebooks/03_will_it_fit.ipynb into reports/fit/ with its offline HTML")
     return ap
 
 
 def main(argv=None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
+    if a.report:
+        print(f"report: {build_report()}")
+        return 0
+    if a.validate:
+        rows = validation_table()
+        s = validation_summary(rows)
+        print(f"{write_validation(rows=rows)}: {len(rows)} rows; whole-process peak median |error| "
+              f"{s['process_all_median']:.1%}, largest {s['process_all_max']:.1%} ({s['process_all_n']} finished); "
+              f"ok/OOM right {s['status_all_right']}/{s['status_all_n']} budgeted "
+              f"({s['status_runs_right']}/{s['status_runs_n']} notebook runs, "
+              f"{s['status_probes_right']}/{s['status_probes_n']} max-context probes)")
+        return 0
     cfg = {k: getattr(a, k) for k in DEFAULTS if hasattr(a, k)}
     try:
         config = read_config(a.model)
@@ -671,9 +701,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # --- the pre-registered check ----------------------------------------------------------------------------------------
 
@@ -716,3 +743,34 @@ def preregistered_vs_measured(path: str | Path = PREREGISTERED, reports: str | P
         rec["status_right"] = (row["predicted_status"] == m["status"]) if (m and budgeted) else None
         out.append(rec)
     return out
+
+
+def build_report(out_dir: str | Path = "reports/fit") -> Path:
+    """notebooks/03_will_it_fit.ipynb executed by papermill into out_dir/will_it_fit.ipynb (explore off), and its
+    self-contained HTML beside it; returns the HTML's path. Imports papermill and the report exporter, so it
+    is the one part of this module that needs the full environment."""
+    import os
+    import tempfile
+
+    import papermill
+
+    from .report import PROJECT_ROOT, export_html
+    from .runs import publish
+
+    out = Path(out_dir) if Path(out_dir).is_absolute() else PROJECT_ROOT / out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".will_it_fit.", suffix=".ipynb", dir=out)
+    os.close(fd)
+    try:
+        papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "03_will_it_fit.ipynb"), tmp, cwd=str(PROJECT_ROOT),
+                                   parameters={"explore": False, "out_dir": str(out)}, progress_bar=False,
+                                   kernel_name="python3")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    publish(tmp, out / "will_it_fit.ipynb")
+    return export_html(out / "will_it_fit.ipynb", out / "will_it_fit.html", title="will it fit?")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

