@@ -348,6 +348,8 @@ def predict(cfg: dict, config: dict | None = None, evaluation: bool = True) -> d
     # allocated memory plus the fragmentation its transient tensors leave
     need_capped = static + max(k + t * (1 + (CAP_HEADROOM if m == "loss" else CAP_HEADROOM_LAYER))
                                for m, (k, t) in moments.items())
+    # uncapped, the allocator never gives its cache back: it holds at least what a cap would have had to allow
+    reserved = max(reserved, need_capped)
     fits = True
     if budget:
         fits = need_capped <= budget
