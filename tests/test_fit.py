@@ -207,3 +207,21 @@ def test_constants_are_what_the_fitter_gives(monkeypatch):
     for name in held:
         monkeypatch.setattr(fit, name, held[name])  # restored after the test: the search sets them as it goes
     assert fit_constants.fitted() == held
+
+
+@pytest.mark.slow
+def test_notebook_builds_its_controls_in_a_kernel(tmp_path):
+    """explore=True (the JupyterLab default): the ipywidgets controls are built and draw the first chart with no
+    error; a control changed in the kernel redraws (the redraw runs on a value the study refuses, too)."""
+    import papermill
+
+    out = tmp_path / "fit.ipynb"
+    papermill.execute_notebook(str(ROOT / "notebooks/03_will_it_fit.ipynb"), str(out), cwd=str(ROOT),
+                               parameters={"explore": True, "out_dir": str(tmp_path)}, progress_bar=False,
+                               kernel_name="python3")
+    nb = nbformat.read(str(out), as_version=4)
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    mimes = {m for c in nb.cells for o in c.get("outputs", []) for m in o.get("data", {})}
+    assert "application/vnd.jupyter.widget-view+json" in mimes
+    state = json.dumps(nb.metadata.get("widgets", {}))
+    assert "llama-3.1-8b-shape" in state and "card GiB" in state  # the controls, saved with the notebook
