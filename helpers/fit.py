@@ -761,11 +761,13 @@ def build_report(out_dir: str | Path = "reports/fit") -> Path:
 
     out = Path(out_dir) if Path(out_dir).is_absolute() else PROJECT_ROOT / out_dir
     out.mkdir(parents=True, exist_ok=True)
+    # the notebook shows its parameters: a folder inside the project is given relative to it, not this machine's
+    shown = out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out
     fd, tmp = tempfile.mkstemp(prefix=".will_it_fit.", suffix=".ipynb", dir=out)
     os.close(fd)
     try:
         papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "03_will_it_fit.ipynb"), tmp, cwd=str(PROJECT_ROOT),
-                                   parameters={"explore": False, "out_dir": str(out)}, progress_bar=False,
+                                   parameters={"explore": False, "out_dir": str(shown)}, progress_bar=False,
                                    kernel_name="python3")
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
