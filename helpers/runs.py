@@ -4,10 +4,10 @@ import json
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 from .data import RANDOM_CORPUS, check_corpus_name
+from .files import atomic_write
 from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic
 from .levers import LEVERS
 from .levers import config_of as levers_of
@@ -178,30 +178,12 @@ def _clean(x):
     return x
 
 
-def publish(tmp, path: Path) -> None:
-    """Rename a finished temp file into place, readable like any file the user writes (mkstemp makes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def write_sidecar(path, record: dict) -> Path:
-    """Write JSON atomically: temp file in the same folder, fsync, rename. A crash leaves no partial file."""
+    """Write a run's JSON record atomically (atomic_write): a crash leaves no partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"sidecar_version": SIDECAR_VERSION, **_clean(record)}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: json.dump(record, f, indent=1, allow_nan=False))
 
 
 def read_sidecar(path) -> dict:
@@ -393,8 +375,4 @@ def write_summary(folder) -> Path:
 
     folder = Path(folder)
     df = pd.DataFrame(summary_rows(read_all(folder / "runs")))
-    path = folder / "summary.csv"
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(folder / "summary.csv", df.to_csv(index=False))
