@@ -28,12 +28,18 @@ def test_notebook_runs_default_model_and_writes_sidecar(tmp_path):
 
 
 @pytest.mark.slow
-def test_notebook_refuses_bad_value_before_loading(tmp_path):
+@pytest.mark.parametrize("bad, message", [
+    (dict(quant="int4"), "quant='int4'"),
+    # what `papermill -p learning_rate abc` passes: a str, refused by the parameters cell's declared type
+    (dict(learning_rate="abc"), "learning_rate='abc' is a str, the notebook expects float"),
+    (dict(run_id="../../somewhere"), "run_id='../../somewhere' is not allowed"),
+])
+def test_notebook_refuses_bad_value_before_loading(tmp_path, bad, message):
     out = tmp_path / "runs"
     with pytest.raises(papermill.PapermillExecutionError) as e:
         papermill.execute_notebook(str(TRAIN_NOTEBOOK), str(tmp_path / "bad.ipynb"),
-                                   parameters=dict(quant="int4", output_dir=str(out)), progress_bar=False)
-    assert "ValueError" in str(e.value) and "quant='int4'" in str(e.value)
+                                   parameters=dict(bad, output_dir=str(out)), progress_bar=False)
+    assert "ValueError" in str(e.value) and message in str(e.value)
     assert e.value.exec_count == 3  # the cell right after the parameters
     assert not out.exists()  # no sidecar, let alone one claiming success
 

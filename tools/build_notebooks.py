@@ -84,11 +84,14 @@ device: str = "auto"           # auto | cpu | cuda | cuda:N
 output_dir: str = "reports/scratch/runs"  # the sidecar goes here (relative to the project root)
 run_id: str = ""               # empty: derived from the parameters
 ''', tags=["parameters"]),
-    md("## 1 · Check the configuration\nEvery knob above goes into `config`; a bad value stops here, before anything is loaded or written."),
+    md("## 1 · Check the configuration\nEvery knob above goes into `config`; a bad value stops here, before anything is loaded or written: "
+       "an unknown name, a value of the wrong type (`papermill -p learning_rate abc` gives a str), a number out of range or "
+       "not finite, a device this machine lacks, a corpus file that is no text or has fewer than two documents, "
+       "a `run_id` or `output_dir` that would leave its folder."),
     code('''
 import helpers.runs as runs
 config = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
-runs.validate(config)
+runs.validate(config, types=__annotations__)  # the types declared in the parameters cell
 run = runs.start(config)
 print(f"run {run['run_id']} -> {run['sidecar']}")
 '''),
@@ -141,12 +144,14 @@ print(f"levers: {on_levers or 'none (the plain stack)'}")
 run["metrics"]["params_trainable"], _ = models.count_parameters(net)
 print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
-    md("## 6 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
+    md("## 6 · Train\nThe Trainer's progress bar shows the step and the time left; each step also rewrites `<run_id>.progress` "
+       "beside the sidecar, which a sweep polls to show the step on its own line. "
+       "One telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
        "energy from NVML's counter over the training window on a GPU. Memory peaks: torch (allocated, reserved), NVML "
        "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
 steps = telemetry.StepTelemetry(run["device"], tokens_per_step=batch_size * grad_accum * (seq_len - 1))
-callbacks = [steps]
+callbacks = [steps, telemetry.ProgressFile(runs.progress_path(run["sidecar"]))]
 if eval_every:  # held-out perplexity during training; its time and energy are left out of the training figures
     from helpers.evaluate import held_out_curve
     callbacks.append(held_out_curve(net, eval_blocks_t, eval_every, steps, batch_size=batch_size * 2))
