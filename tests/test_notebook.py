@@ -25,6 +25,10 @@ def test_notebook_runs_default_model_and_writes_sidecar(tmp_path):
     assert 0 < m["params_trainable"] < m["params_total"]
     assert len(r["history"]) == 3 and all(h["step_time_s"] > 0 for h in r["history"])
     assert r["environment"]["bitsandbytes"] and r["environment"]["device"] == "cpu"
+    # the Trainer's progress bar (steps, elapsed, and time left while it runs) is in the executed notebook;
+    # the progress file the sweep polls is gone once the sidecar holds the history
+    assert "<progress value='3' max='3'" in (tmp_path / "run.ipynb").read_text()
+    assert not list(out.glob("*.progress"))
 
 
 @pytest.mark.slow
