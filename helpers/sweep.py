@@ -57,7 +57,10 @@ def notebook_parameters(notebook=TRAIN_NOTEBOOK) -> dict:
     return out
 
 
-RUNNER_KEYS = ("seed", "output_dir", "run_id")  # set by the runner for every run, in base: as in grid:
+# set by the runner for every run, refused in base: as in grid:, each with what to use instead
+RUNNER_KEYS = {"seed": "use repeats (seeds 0..repeats-1)",
+               "output_dir": "runs go to <reports>/<name>/runs: set the sweep's name, or --reports",
+               "run_id": "each run's id is derived from its parameters"}
 
 
 def _check_value(where: str, key: str, value, params: dict) -> None:
@@ -66,7 +69,7 @@ def _check_value(where: str, key: str, value, params: dict) -> None:
     if key not in params:
         raise SweepError(f"{where}: unknown parameter {key!r}; the notebook's parameters are {sorted(params)}")
     if key in RUNNER_KEYS:
-        raise SweepError(f"{where}: {key} is set by the runner (use repeats for seeds; the sweep's name for the folder)")
+        raise SweepError(f"{where}: {key} is set by the runner ({RUNNER_KEYS[key]})")
     problem = type_problem(key, value, params[key]["type"])
     if problem:
         raise SweepError(f"{where}: {problem}")

@@ -36,7 +36,7 @@ GOOD = {"name": "t", "base": {"max_steps": 5}, "grid": {"quant": ["none", "nf4"]
         ({"grid": {}}, "grid is empty"),
         ({"grid": None}, "grid is empty"),
         ({"grid": {"lora_r": []}}, "lora_r must be a non-empty list"),
-        ({"grid": {"seed": [0, 1]}}, "use repeats for seeds"),
+        ({"grid": {"seed": [0, 1]}}, "seed is set by the runner (use repeats"),
         ({"repeats": 0}, "repeats=0"),
         ({"name": "../escape"}, "name='../escape'"),
         ({"notebook": "notebooks/nope.ipynb"}, "nope.ipynb not found"),
