@@ -402,7 +402,7 @@ def execute(sweep: dict, cfg: dict, say=None) -> str:
                                        cwd=str(PROJECT_ROOT), progress_bar=False,
                                        kernel_manager_class=_kernel_manager_class())
         except KeyboardInterrupt:
-            watch.sample()
+            watch.sample()  # the step reached
             try:
                 _record(cfg, "unfinished", f"interrupted (Ctrl-C){watch.where()}: re-run the sweep to redo this run")
             except OSError:
@@ -413,10 +413,11 @@ def execute(sweep: dict, cfg: dict, say=None) -> str:
         finally:
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
-    try:
-        progress.unlink(missing_ok=True)
-    except OSError:
-        pass
+            watch.sample()  # the step and memory as the run ended, before the file goes
+            try:
+                progress.unlink(missing_ok=True)  # the sidecar is the record now
+            except OSError:
+                pass
     if isinstance(failure, OSError) and failure.errno in STORAGE_ERRNOS:
         if not failure.filename:  # papermill's write says what failed, not where
             failure = OSError(failure.errno, failure.strerror, str(notebook))

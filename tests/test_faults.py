@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -314,7 +315,7 @@ def test_ctrl_c_marks_the_run_unfinished_writes_the_summary_and_says_how_to_resu
                                                                                    monkeypatch):
     path = tiny_sweep(tmp_path, tiny_model_dir, {"lora_r": [2, 4]})
     spec = yaml.safe_load(path.read_text())
-    spec["base"]["max_steps"] = 400  # long enough to be caught mid-training
+    spec["base"]["max_steps"] = 5000  # never reached: the test stops it mid-training
     path.write_text(yaml.safe_dump(spec))
     reports = tmp_path / "reports"
     runs_dir = reports / "tiny" / "runs"
@@ -323,6 +324,7 @@ def test_ctrl_c_marks_the_run_unfinished_writes_the_summary_and_says_how_to_resu
     try:
         wait_for(lambda: any(runs_dir.glob("*.progress")), timeout=120)
         wait_for(lambda: json.loads(next(runs_dir.glob("*.progress")).read_text())["step"] >= 2, timeout=60)
+        time.sleep(2.5)  # the sweep polls the progress file every second
         os.kill(p.pid, signal.SIGINT)
         out, _ = p.communicate(timeout=60)
     finally:
@@ -339,6 +341,32 @@ def test_ctrl_c_marks_the_run_unfinished_writes_the_summary_and_says_how_to_resu
     assert "unfinished" in summary
     configs = sweep.expand(sweep.load_sweep(path, reports))
     assert sweep.run_state(configs[0]) == "unfinished"  # redone on a re-run
+    assert not list(runs_dir.glob("*.progress")) and not list(runs_dir.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_a_terminal_stops_side_by_side_runs_each_recorded_unfinished(tmp_path, tiny_model_dir):
+    path = tiny_sweep(tmp_path, tiny_model_dir, {"lora_r": [2, 4]})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["max_steps"] = 5000  # never reached: the test stops it mid-training
+    path.write_text(yaml.safe_dump(spec))
+    reports = tmp_path / "reports"
+    runs_dir = reports / "tiny" / "runs"
+    p = subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(reports),
+                          "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        wait_for(lambda: len(list(runs_dir.glob("*.progress"))) == 2, timeout=180)
+        os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the sweep and its worker processes
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, out
+    assert "Traceback" not in out and "interrupted: 0 of 2 runs done, re-run to resume" in out, out
+    records = runs.read_all(runs_dir)
+    assert [r["status"] for r in records] == ["unfinished", "unfinished"]
+    assert not list(runs_dir.glob("*.progress"))
 
 
 @pytest.mark.slow
@@ -353,7 +381,7 @@ def test_a_kernel_killed_by_sigkill_is_out_of_memory_only_if_the_oom_killer_did_
     monkeypatch.setattr(sweep, "oom_kill_count", lambda: next(counts), raising=False)
     path = tiny_sweep(tmp_path, tiny_model_dir, {"lora_r": [2]})
     spec = yaml.safe_load(path.read_text())
-    spec["base"]["max_steps"] = 400
+    spec["base"]["max_steps"] = 5000  # never reached: the test stops it mid-training
     path.write_text(yaml.safe_dump(spec))
     sw = sweep.load_sweep(path, tmp_path / "r")
     [cfg] = sweep.expand(sw)
