@@ -55,19 +55,6 @@ def resolve_sweep_dir(sweep_dir) -> Path:
     return p
 
 
-def notebook_problem(path) -> str | None:
-    """None if the executed run notebook reads as a notebook, else why not (truncated, not JSON, ...)."""
-    import nbformat
-
-    try:
-        nb = nbformat.read(str(path), as_version=4)
-    except Exception as e:  # nbformat raises NotJSONError, ValueError, KeyError, ... for broken files
-        return f"executed notebook is not a readable notebook ({type(e).__name__}: {str(e)[:200]})"
-    if not isinstance(nb.get("cells"), list):
-        return "executed notebook has no cells"
-    return None
-
-
 def is_synthetic(row) -> bool:
     """Random weights of a named shape: their perplexity and loss are no quality figure."""
     flag = row.get("synthetic")
@@ -93,7 +80,7 @@ def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     for r in rows:
         r["notebook"], r["notebook_error"] = "missing", None
     for nb in sorted((folder / "runs").glob("*.ipynb")):
-        problem = notebook_problem(nb)
+        problem = runs.notebook_problem(nb)
         if nb.stem in by_id:
             by_id[nb.stem].update(notebook="corrupt" if problem else "ok", notebook_error=problem)
         else:  # papermill wrote the notebook but no sidecar followed: the run was cut short

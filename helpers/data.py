@@ -1,4 +1,5 @@
 """Corpus -> documents -> disjoint train/eval split by document -> fixed-length token blocks."""
+import functools
 import json
 import random
 from pathlib import Path
@@ -27,6 +28,59 @@ def check_corpus_name(corpus: str) -> None:
     )
 
 
+MIN_DOCUMENTS = 2  # the split holds out whole documents: at least one for training and one for evaluation
+TXT_RULE = "a .txt corpus is UTF-8 text whose documents are separated by a blank line"
+JSONL_RULE = 'a .jsonl corpus holds one JSON object with a "text" field per line'
+
+
+def _read_local(path: Path) -> list[tuple[str, str]]:
+    """Documents of a local .txt / .jsonl file; a file that is not such text is refused naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        rule = TXT_RULE if path.suffix == ".txt" else JSONL_RULE
+        raise ValueError(f"corpus file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}; a compressed or binary file?): {rule}") from None
+    except OSError as e:
+        raise ValueError(f"corpus file {path} cannot be read ({e.strerror})") from None
+    if path.suffix == ".txt":
+        chunks = [c.strip() for c in text.split("\n\n")]
+        return [(f"{path.name}:{i}", c) for i, c in enumerate(chunks) if c]
+    docs = []
+    for i, line in enumerate(text.splitlines()):
+        if line.strip():
+            try:
+                doc = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path} line {i + 1}: expected a JSON object with a 'text' field ({e})") from e
+            if not isinstance(doc, str):
+                raise ValueError(f"{path} line {i + 1}: 'text' is a {type(doc).__name__}, expected a string")
+            if doc.strip():
+                docs.append((f"{path.name}:{i}", doc))
+    return docs
+
+
+@functools.lru_cache(maxsize=8)
+def _local_document_count(path: Path, size: int, mtime_ns: int) -> int:
+    return len(_read_local(path))  # size and mtime key the cache: an edited file is read again
+
+
+def check_corpus(corpus: str) -> None:
+    """check_corpus_name, and a local file is read: UTF-8 text with at least two documents, or refused naming it.
+
+    A hub dataset is not fetched here (no network before a run); the run refuses it if it has too few."""
+    check_corpus_name(corpus)
+    path = Path(corpus).expanduser()
+    if path.suffix not in (".txt", ".jsonl") or not path.is_file():
+        return
+    st = path.stat()
+    n = _local_document_count(path.resolve(), st.st_size, st.st_mtime_ns)
+    if n < MIN_DOCUMENTS:
+        rule = TXT_RULE if path.suffix == ".txt" else JSONL_RULE
+        raise ValueError(f"corpus file {path} has {n} document(s); the train/eval split needs at least "
+                         f"{MIN_DOCUMENTS}: {rule}")
+
+
 def load_documents(corpus: str) -> list[tuple[str, str]]:
     """Return [(doc_id, text)], in a stable order. Documents are the unit of the train/eval split.
 
@@ -39,18 +93,8 @@ def load_documents(corpus: str) -> list[tuple[str, str]]:
 
         return sorted(topics.items())
     path = Path(corpus).expanduser()
-    if path.suffix == ".txt":
-        chunks = [c.strip() for c in path.read_text(encoding="utf-8").split("\n\n")]
-        return [(f"{path.name}:{i}", c) for i, c in enumerate(chunks) if c]
-    if path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                try:
-                    docs.append((f"{path.name}:{i}", json.loads(line)["text"]))
-                except (ValueError, KeyError) as e:
-                    raise ValueError(f"{path} line {i + 1}: expected a JSON object with a 'text' field ({e})") from e
-        return docs
+    if path.suffix in (".txt", ".jsonl"):
+        return _read_local(path)
     import datasets
 
     name, _, config = corpus.partition(":")

@@ -756,8 +756,9 @@ def build_report(out_dir: str | Path = "reports/fit") -> Path:
 
     import papermill
 
+    from .files import publish
+    from .kernels import papermill_options
     from .report import PROJECT_ROOT, export_html
-    from .runs import publish
 
     out = Path(out_dir) if Path(out_dir).is_absolute() else PROJECT_ROOT / out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -768,7 +769,7 @@ def build_report(out_dir: str | Path = "reports/fit") -> Path:
     try:
         papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "03_will_it_fit.ipynb"), tmp, cwd=str(PROJECT_ROOT),
                                    parameters={"explore": False, "out_dir": str(shown)}, progress_bar=False,
-                                   kernel_name="python3")
+                                   kernel_name="python3", **papermill_options())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

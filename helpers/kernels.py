@@ -11,11 +11,11 @@ import os
 import tempfile
 import uuid
 
-from jupyter_client.manager import KernelManager
+from jupyter_client.manager import AsyncKernelManager
 from traitlets import default
 
 
-class IpcKernelManager(KernelManager):
+class IpcKernelManager(AsyncKernelManager):
     """A kernel manager whose kernels listen on IPC sockets, not TCP ports."""
 
     @default("transport")
@@ -27,6 +27,11 @@ class IpcKernelManager(KernelManager):
         return os.path.join(tempfile.gettempdir(), f"qlora-kernel-{uuid.uuid4().hex[:12]}")
 
 
+def kernel_manager_class() -> type:
+    """The kernel manager our notebooks run under: IPC sockets where the OS has them (nbclient's own is async)."""
+    return AsyncKernelManager if os.name == "nt" else IpcKernelManager
+
+
 def papermill_options() -> dict:
-    """Keyword arguments for papermill.execute_notebook: the IPC kernel manager where the OS has IPC."""
-    return {} if os.name == "nt" else {"kernel_manager_class": IpcKernelManager}
+    """Keyword arguments for papermill.execute_notebook that pick our kernel manager."""
+    return {"kernel_manager_class": kernel_manager_class()}

@@ -9,26 +9,17 @@ folder's report. Runs without a readable sidecar (unfinished, corrupt) are not p
 Commit the published folder to make it the reference others compare with.
 """
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from .paths import PROJECT_ROOT, PUBLISHED_REPORTS
 from .report import build_report
-from .runs import publish as rename_into_place
+from .files import atomic_write
 from .runs import read_sidecar
 
 
 def _copy(src: Path, dest: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
-    try:
-        with open(fd, "wb") as f, open(src, "rb") as s:
-            shutil.copyfileobj(s, f)
-        rename_into_place(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dest, src.read_bytes())
 
 
 def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:

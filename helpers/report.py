@@ -13,8 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .files import atomic_write, publish
 from .kernels import papermill_options
-from .runs import publish, write_summary
+from .runs import write_summary
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ANALYSIS_NOTEBOOK = PROJECT_ROOT / "notebooks" / "02_analysis.ipynb"
@@ -33,17 +34,6 @@ OFFLINE_TEMPLATE = r"""
 """
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def export_html(notebook, html_path, title: str = "analysis") -> Path:
     """An executed notebook as one HTML file that renders its Plotly figures with no network."""
     import jinja2
@@ -57,7 +47,7 @@ def export_html(notebook, html_path, title: str = "analysis") -> Path:
     body, _ = exporter.from_notebook_node(nb, resources={"plotly_js": get_plotlyjs(),
                                                          "metadata": {"name": title}})
     html_path = Path(html_path)
-    _atomic_write(html_path, body)
+    atomic_write(html_path, body)
     return html_path
 
 

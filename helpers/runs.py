@@ -4,10 +4,10 @@ import json
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 
-from .data import RANDOM_CORPUS, check_corpus_name
+from .data import RANDOM_CORPUS, check_corpus
+from .files import atomic_write
 from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic
 from .levers import LEVERS
 from .levers import config_of as levers_of
@@ -15,6 +15,7 @@ from .levers import problems as lever_problems
 from .train import BNB_OPTIMIZERS, OPTIMIZERS
 
 SIDECAR_VERSION = 1
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")
 OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast")  # added after the first runs were recorded: in the id only when on
@@ -33,18 +34,93 @@ def _need(cond: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
 
 
-def validate(config: dict, here: bool = True) -> None:
+def type_problem(name: str, value, want: type) -> str | None:
+    """Why `value` is not of the parameter's declared type (None if it is). An int is a fine float; a bool
+    is no int. papermill's `-p learning_rate abc` arrives as the str 'abc' and is refused here."""
+    ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True  # 16 is a fine float
+    if ok:
+        return None
+    return f"{name}={value!r} is a {type(value).__name__}, the notebook expects {want.__name__}"
+
+
+def check_types(config: dict, types: dict) -> None:
+    """Every key a parameter of the notebook ({name: type}, e.g. its parameters cell's __annotations__), every
+    parameter present, every value of its type."""
+    unknown = sorted(set(config) - set(types))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}; the notebook's parameters are {sorted(types)}")
+    for name, want in types.items():
+        if name not in config:
+            raise ValueError(f"{name} has no value (None is not a value): the notebook expects a {want.__name__}")
+        problem = type_problem(name, config[name], want)
+        if problem:
+            raise ValueError(problem)
+
+
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N (N a GPU index)"
+
+
+def check_device(device, here: bool = True) -> None:
+    """A device name this project knows; with here=True, one this machine has (cuda needs a GPU torch sees)."""
+    import re
+
+    _need(device in ("auto", "cpu") or bool(re.fullmatch(r"cuda(:\d+)?", str(device))), "device", device, DEVICE_FORMS)
+    if not here or not str(device).startswith("cuda"):
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ValueError(f"device={device!r} is not allowed: this machine has no CUDA device that torch "
+                         f"{torch.__version__} can use; use auto or cpu")
+    index = int(str(device).partition(":")[2] or 0)
+    _need(index < n, "device", device, f"this machine has {n} CUDA device(s): cuda:0 .. cuda:{n - 1}")
+
+
+def check_paths(config: dict) -> None:
+    """run_id is a file name (no folder, no '..'); a relative output_dir stays inside the project.
+
+    An absolute output_dir is the user's explicit choice (the sweep passes one) and is kept."""
+    import re
+
+    rid = config["run_id"]
+    _need(rid == "" or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(rid))), "run_id", rid,
+          "empty (derived from the parameters) or a file name of letters, digits, '.', '_' and '-' "
+          "(no folders: the sidecar goes in output_dir)")
+    out = Path(str(config["output_dir"])).expanduser()
+    if not out.is_absolute():
+        _need(bool(config["output_dir"]) and (PROJECT_ROOT / out).resolve().is_relative_to(PROJECT_ROOT),
+              "output_dir", config["output_dir"],
+              "a folder inside the project (relative to its root) or an absolute path; '..' may not leave the project")
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate(config: dict, here: bool = True, types: dict | None = None) -> None:
     """Refuse a bad configuration before anything runs, naming the bad value and what is allowed.
 
-    here=False skips the checks that depend on this machine (a GPU for a VRAM budget), so a GPU
-    sweep can be listed with --dry-run on a laptop.
+    types ({name: type}, the notebook's parameters cell): also refuse unknown names and values of the
+    wrong type first (papermill's `-p` turns anything it cannot read as a number into a str). Every
+    number must be finite (YAML's .inf and .nan are floats). here=False skips the checks that depend on
+    this machine (a GPU for device cuda or a VRAM budget), so a GPU sweep can be listed with --dry-run
+    on a laptop. A local corpus file is read: it must be text with at least two documents.
     """
     c = config
+    if types is not None:
+        check_types(c, types)
+    for name, value in c.items():
+        if isinstance(value, float):
+            _need(math.isfinite(value), name, value, "a finite number")
+    check_paths(c)
     _need(c["quant"] in QUANTS, "quant", c["quant"], f"use one of {list(QUANTS)}")
     _need(c["dtype"] in DTYPE_CHOICES, "dtype", c["dtype"], f"use one of {list(DTYPE_CHOICES)}")
     _need(c["optimizer"] in OPTIMIZERS, "optimizer", c["optimizer"], f"use one of {list(OPTIMIZERS)}")
     check_model_name(c["model"])
-    check_corpus_name(c["corpus"])
+    check_corpus(c["corpus"])
     if is_synthetic(c["model"]) != (c["corpus"] == RANDOM_CORPUS):
         raise ValueError(
             f"corpus={c['corpus']!r} does not go with model={c['model']!r}: synthetic models (random weights, "
@@ -53,21 +129,27 @@ def validate(config: dict, here: bool = True) -> None:
     for name in ("lora_r", "max_steps", "batch_size", "grad_accum"):
         v = c[name]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "a whole number >= 1")
-    _need(c["lora_alpha"] > 0, "lora_alpha", c["lora_alpha"], "a number > 0")
-    _need(0 <= c["lora_dropout"] < 1, "lora_dropout", c["lora_dropout"], "a number in [0, 1)")
-    _need(c["learning_rate"] > 0, "learning_rate", c["learning_rate"], "a number > 0")
-    _need(0 <= c["warmup_steps"] <= c["max_steps"], "warmup_steps", c["warmup_steps"],
+    num = _finite  # each range check below also refuses a value that is no number, so it holds without types
+    _need(num(c["lora_alpha"]) and c["lora_alpha"] > 0, "lora_alpha", c["lora_alpha"], "a number > 0")
+    _need(num(c["lora_dropout"]) and 0 <= c["lora_dropout"] < 1, "lora_dropout", c["lora_dropout"],
+          "a number in [0, 1)")
+    _need(num(c["learning_rate"]) and c["learning_rate"] > 0, "learning_rate", c["learning_rate"],
+          "a finite number > 0")
+    _need(num(c["warmup_steps"]) and 0 <= c["warmup_steps"] <= c["max_steps"], "warmup_steps", c["warmup_steps"],
           f"0 .. max_steps ({c['max_steps']})")
-    _need(0 <= c["timing_warmup_steps"] < c["max_steps"], "timing_warmup_steps", c["timing_warmup_steps"],
+    _need(num(c["timing_warmup_steps"]) and 0 <= c["timing_warmup_steps"] < c["max_steps"], "timing_warmup_steps",
+          c["timing_warmup_steps"],
           f"0 .. max_steps - 1 ({c['max_steps'] - 1}); the steps after it give the steady-state speed")
-    _need(c["vram_budget_gib"] >= 0, "vram_budget_gib", c["vram_budget_gib"], "GiB >= 0 (0 = whole card)")
-    _need(0 < c["eval_fraction"] < 1, "eval_fraction", c["eval_fraction"], "a fraction in (0, 1)")
-    _need(c["eval_blocks"] >= 0, "eval_blocks", c["eval_blocks"], "a whole number >= 0 (0 = all)")
+    _need(num(c["vram_budget_gib"]) and c["vram_budget_gib"] >= 0, "vram_budget_gib", c["vram_budget_gib"],
+          "GiB >= 0 (0 = whole card)")
+    _need(num(c["eval_fraction"]) and 0 < c["eval_fraction"] < 1, "eval_fraction", c["eval_fraction"],
+          "a fraction in (0, 1)")
+    _need(num(c["eval_blocks"]) and c["eval_blocks"] >= 0, "eval_blocks", c["eval_blocks"],
+          "a whole number >= 0 (0 = all)")
     every = c.get("eval_every", 0)
     _need(isinstance(every, int) and not isinstance(every, bool) and 0 <= every <= c["max_steps"], "eval_every",
           every, f"a whole number of steps in 0 .. max_steps ({c['max_steps']}); 0 = only before and after training")
-    _need(c["device"] in ("auto", "cpu") or str(c["device"]).startswith("cuda"), "device", c["device"],
-          "auto, cpu, cuda or cuda:N")
+    check_device(c["device"], here)
     seq = c["seq_len"]
     _need(isinstance(seq, int) and seq >= 2, "seq_len", seq, "a whole number >= 2")
     ctx = context_length(c["model"])
@@ -183,30 +265,12 @@ def _clean(x):
     return x
 
 
-def publish(tmp, path: Path) -> None:
-    """Rename a finished temp file into place, readable like any file the user writes (mkstemp makes 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
 def write_sidecar(path, record: dict) -> Path:
-    """Write JSON atomically: temp file in the same folder, fsync, rename. A crash leaves no partial file."""
+    """Write a run's JSON record atomically (atomic_write): a crash leaves no partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"sidecar_version": SIDECAR_VERSION, **_clean(record)}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: json.dump(record, f, indent=1, allow_nan=False))
 
 
 def read_sidecar(path) -> dict:
@@ -221,6 +285,25 @@ def read_sidecar(path) -> dict:
     return record
 
 
+def notebook_problem(path) -> str | None:
+    """None if the executed run notebook reads as a notebook, else why not (truncated, not JSON, ...)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(path), as_version=4)
+    except Exception as e:  # nbformat raises NotJSONError, ValueError, KeyError, ... for broken files
+        return f"executed notebook is not a readable notebook ({type(e).__name__}: {str(e)[:200]})"
+    if not isinstance(nb.get("cells"), list):
+        return "executed notebook has no cells"
+    return None
+
+
+def progress_path(sidecar) -> Path:
+    """<run_id>.progress beside the sidecar: the training step a running kernel has reached, for the sweep's line
+    (telemetry.ProgressFile writes it, the sweep reads it; not a result, and not a *.json a reader takes for one)."""
+    return Path(sidecar).with_suffix(".progress")
+
+
 def read_all(folder) -> list[dict]:
     """Every sidecar in a folder; unreadable ones come back as {'status': 'corrupt', 'error': ...}."""
     out = []
@@ -233,8 +316,6 @@ def read_all(folder) -> list[dict]:
 
 
 # --- the run record, as the training notebook builds it ------------------------------------------
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def start(config: dict) -> dict:
@@ -336,6 +417,7 @@ class guard:
         except Exception:
             pass
         write_sidecar(self.run["sidecar"], _record(self.run))
+        _drop_progress(self.run)
         return False
 
 
@@ -343,9 +425,19 @@ def _record(run: dict) -> dict:
     return {k: v for k, v in run.items() if k != "sidecar"}
 
 
+def _drop_progress(run: dict) -> None:
+    """The sidecar holds the whole history now: the progress file has done its work."""
+    try:
+        progress_path(run["sidecar"]).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def finish(run: dict) -> Path:
     run["status"] = "ok"
-    return write_sidecar(run["sidecar"], _record(run))
+    path = write_sidecar(run["sidecar"], _record(run))
+    _drop_progress(run)
+    return path
 
 
 SUMMARY_KEYS = [
@@ -399,8 +491,4 @@ def write_summary(folder) -> Path:
 
     folder = Path(folder)
     df = pd.DataFrame(summary_rows(read_all(folder / "runs")))
-    path = folder / "summary.csv"
-    tmp = path.with_suffix(".csv.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(folder / "summary.csv", df.to_csv(index=False))

@@ -5,8 +5,13 @@
 Every configuration runs in a fresh kernel (clean memory figures) into
 reports/local/<name>/runs/<run_id>.ipynb (this machine's runs; git ignores reports/local/); the notebook writes
 <run_id>.json last. The report then sets each configuration beside the published reference reports/<name>/
-(helpers/reference.py); `python -m helpers.publish reports/local/<name>` makes these runs the reference. A run with a sidecar
-of status ok or oom is finished and skipped on a re-run; anything else is redone.
+(helpers/reference.py); `python -m helpers.publish reports/local/<name>` makes these runs the reference. A run
+with a sidecar of status ok or oom and a notebook that reads back whole is finished and skipped on a re-run;
+anything else is redone. While a run trains, its step and time left are printed every 30 s.
+
+Exit status: 0 every run ok or oom; 1 a run ended in error (or the report failed); 2 refused before
+anything ran; 3 stopped because a file could not be written (disk full, no permission); 130 Ctrl-C
+(the run in progress is recorded as unfinished, summary.csv is written).
 
 --jobs N runs N configurations side by side (one kernel each) on the same device. That is for quality
 sweeps of small models: perplexity stays valid, but time, throughput, energy and device memory are then
@@ -17,14 +22,19 @@ analysis says so beside every cost chart of such a sweep. Each kernel gets cores
 import argparse
 import ast
 import concurrent.futures
+import errno
+import functools
 import itertools
+import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .kernels import papermill_options
+from .kernels import kernel_manager_class
 from .paths import LOCAL_REPORTS, PROJECT_ROOT
 
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
@@ -51,15 +61,22 @@ def notebook_parameters(notebook=TRAIN_NOTEBOOK) -> dict:
     return out
 
 
+# set by the runner for every run, refused in base: as in grid:, each with what to use instead
+RUNNER_KEYS = {"seed": "use repeats (seeds 0..repeats-1)",
+               "output_dir": "runs go to <reports>/<name>/runs: set the sweep's name, or --reports",
+               "run_id": "each run's id is derived from its parameters"}
+
+
 def _check_value(where: str, key: str, value, params: dict) -> None:
+    from .runs import type_problem
+
     if key not in params:
         raise SweepError(f"{where}: unknown parameter {key!r}; the notebook's parameters are {sorted(params)}")
-    want = params[key]["type"]
-    ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True  # 16 is a fine float
-    if not ok:
-        raise SweepError(f"{where}: {key}={value!r} is a {type(value).__name__}, the notebook expects {want.__name__}")
+    if key in RUNNER_KEYS:
+        raise SweepError(f"{where}: {key} is set by the runner ({RUNNER_KEYS[key]})")
+    problem = type_problem(key, value, params[key]["type"])
+    if problem:
+        raise SweepError(f"{where}: {problem}")
 
 
 def load_sweep(path, reports_root=None) -> dict:
@@ -102,8 +119,6 @@ def load_sweep(path, reports_root=None) -> dict:
                 raise SweepError(f"{path} grid: {k} must be a non-empty list of values, got {values!r}")
             for v in values:
                 _check_value(f"{path} grid", k, v, params)
-            if k in ("seed", "output_dir", "run_id"):
-                raise SweepError(f"{path} grid: {k} is set by the runner (use repeats for seeds)")
     repeats = spec.get("repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise SweepError(f"{path}: repeats={repeats!r} must be a whole number >= 1")
@@ -137,55 +152,297 @@ def varying(configs: list[dict]) -> list[str]:
 
 
 def run_state(cfg: dict) -> str:
-    """ok | oom | error | corrupt | missing, from the run's sidecar."""
-    from .runs import read_sidecar
+    """ok | oom | error | unfinished | corrupt | incomplete | missing, from the run's sidecar and notebook.
+
+    incomplete: the sidecar says ok or oom but the executed notebook does not read back whole (a full disk
+    cut it): not a result, so a re-run redoes it."""
+    from .runs import notebook_problem, read_sidecar
 
     path = Path(cfg["output_dir"]) / f"{cfg['run_id']}.json"
     if not path.exists():
         return "missing"
     try:
-        return read_sidecar(path)["status"]
+        status = read_sidecar(path)["status"]
     except ValueError:
         return "corrupt"
-
-
-def _record_failure(cfg: dict, e: Exception) -> str:
-    """The notebook failed without writing its own sidecar (e.g. a crash outside a guarded step)."""
-    from .runs import is_oom, write_sidecar
-
-    text = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
-    status = "oom" if is_oom(e) or "OutOfMemory" in text else "error"
-    write_sidecar(Path(cfg["output_dir"]) / f"{cfg['run_id']}.json",
-                  {"run_id": cfg["run_id"], "status": status, "error": text[:4000], "config": cfg,
-                   "environment": {}, "metrics": {}, "history": []})
+    if status in FINISHED and notebook_problem(path.with_suffix(".ipynb")):
+        return "incomplete"
     return status
 
 
-def execute(sweep: dict, cfg: dict) -> str:
-    """Run one configuration in a fresh kernel; return its status. Failures are results, not crashes."""
+# A write that fails for one of these reasons fails for every later run too: the sweep stops with one line.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation: what, where, and what to do."""
+    where = f" {e.filename}" if getattr(e, "filename", None) else ""
+    what = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write{where}: {what}; the disk is full: free space (or pick another --reports folder) and re-run"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write{where}: {what}; give yourself write access there or pick another --reports folder, "
+                "then re-run")
+    return f"{what}{where}"
+
+
+def _record(cfg: dict, status: str, text: str, metrics: dict | None = None) -> str:
+    """Write the run's sidecar as `status` with `text` as its error, keeping what the notebook had recorded
+    (measurements, history, environment) if its own sidecar reads. If even that write fails, the sidecar is
+    removed, so the run is redone on a re-run, and the OSError is raised (the sweep stops)."""
+    from .runs import read_sidecar, write_sidecar
+
+    path = Path(cfg["output_dir"]) / f"{cfg['run_id']}.json"
+    try:
+        record = read_sidecar(path)
+    except ValueError:
+        record = {"run_id": cfg["run_id"], "config": cfg, "environment": {}, "metrics": {}, "history": []}
+    record.update(status=status, error=text[:4000])
+    record["metrics"] = {**(record.get("metrics") or {}), **(metrics or {})}
+    try:
+        write_sidecar(path, record)
+    except OSError:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
+    return status
+
+
+def _record_failure(cfg: dict, e: BaseException) -> str:
+    """The notebook failed without writing its own sidecar (e.g. a crash outside a guarded step)."""
+    from .runs import is_oom
+
+    text = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
+    return _record(cfg, "oom" if is_oom(text) else "error", text)
+
+
+# --- the kernel: its exit status, its memory, its progress ---------------------------------------
+
+# The kernel this process runs now (one run at a time per process): "exit", its exit status once it has died
+# (-9 = SIGKILL); "stop", set on Ctrl-C (or a side-by-side worker's SIGTERM) so the kernel is shut down at once.
+_KERNEL = {}
+
+
+@functools.cache
+def _kernel_manager_class():
+    """papermill's kernel manager, keeping the kernel's exit status for execute (a kernel that dies leaves
+    nbclient's DeadKernelError, which does not say how), and stopping it at once when the run is interrupted
+    (a graceful shutdown of a kernel busy training prints a traceback of its own)."""
+    class KernelManager(kernel_manager_class()):
+        async def cleanup_resources(self, restart=False):
+            process = getattr(self.provisioner, "process", None)
+            if process is not None and process.poll() is not None:
+                _KERNEL["exit"] = process.returncode
+            await super().cleanup_resources(restart)
+
+        async def shutdown_kernel(self, now=False, restart=False):
+            await super().shutdown_kernel(now=now or bool(_KERNEL.get("stop")), restart=restart)
+
+    return KernelManager
+
+
+def _interrupt(signum, frame):
+    _KERNEL["stop"] = True
+    raise KeyboardInterrupt
+
+
+def oom_kill_count() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed since boot (/proc/vmstat oom_kill,
+    Linux >= 4.13); None where the system does not say."""
+    try:
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+PROGRESS_POLL_S = 1.0
+PROGRESS_EVERY_ENV = "QLORA_STUDY_PROGRESS_EVERY_S"  # seconds between a run's progress lines (default 30)
+
+
+class KernelWatch:
+    """While a run executes: read its progress file (telemetry.ProgressFile) and sample the kernel's resident
+    memory and the host's available memory every second, in a thread. `say` gets a progress line for the
+    sweep's output at most every QLORA_STUDY_PROGRESS_EVERY_S seconds (30) when the step has moved."""
+
+    def __init__(self, progress_path: Path, say=None):
+        self.path, self.say = progress_path, say
+        self.every_s = float(os.environ.get(PROGRESS_EVERY_ENV, "30"))
+        self.progress, self.rss_last, self.rss_peak, self.available = None, None, None, None
+        self._said_step, self._said_at = None, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sample()  # the last word: the progress file and memory as the run ended
+
+    def _loop(self):
+        while not self._stop.wait(PROGRESS_POLL_S):
+            try:
+                self.sample()
+                self._maybe_say()
+            except Exception:  # a progress line is never worth a failed run
+                pass
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            self.progress = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            pass
+        try:
+            for child in psutil.Process().children():
+                if any("ipykernel" in part for part in child.cmdline()):
+                    rss = child.memory_info().rss / 2**30
+                    self.rss_last, self.rss_peak = rss, max(rss, self.rss_peak or 0.0)
+            self.available = psutil.virtual_memory().available / 2**30
+        except psutil.Error:
+            pass
+
+    def where(self) -> str:
+        """' at step 12/30' if training had begun, else ''."""
+        p = self.progress or {}
+        return f" at step {p['step']}/{p['max_steps']}" if "step" in p else ""
+
+    def _maybe_say(self) -> None:
+        p = self.progress or {}
+        step, total = p.get("step"), p.get("max_steps")
+        if self.say is None or not step or step == self._said_step:
+            return
+        now = time.monotonic()
+        if self._said_at is not None and now - self._said_at < self.every_s:
+            return
+        left = p["elapsed_s"] / step * (total - step)
+        mem = f", kernel {self.rss_last:.2f} GiB resident" if self.rss_last is not None else ""
+        self.say(f"    step {step}/{total} ({step / total:.0%}), ~{_fmt(left)} left in this run{mem}")
+        self._said_step, self._said_at = step, now
+
+    def memory(self) -> tuple[str, dict]:
+        """The memory figures a killed kernel leaves: a sentence and sidecar metrics. The kernel's resident
+        memory is the last one it reported (progress file, each step) or the sweep sampled (each second):
+        the figure at its death was at least that."""
+        import psutil
+
+        total = psutil.virtual_memory().total / 2**30
+        last = self.rss_last if self.rss_last is not None else (self.progress or {}).get("rss_gib")
+        text = f"host RAM {total:.1f} GiB"
+        if last is not None:
+            text += f"; the kernel's resident memory last seen {last:.2f} GiB (highest sample {self.rss_peak or last:.2f} GiB)"
+        if self.available is not None:
+            text += f"; host memory available at the last sample {self.available:.2f} GiB"
+        metrics = {"host_total_gib": total, "kernel_rss_last_gib": last, "kernel_rss_peak_sampled_gib": self.rss_peak,
+                   "host_available_last_gib": self.available}
+        return text, metrics
+
+
+def dead_kernel_outcome(exit_status, oom_kills_before, oom_kills_after, where: str, memory: str):
+    """(status, error text) for a kernel that died. Evidence, and its limits:
+
+    - exit status -9 (SIGKILL) and the system's oom_kill count rose during the run: the out-of-memory killer
+      took the kernel, a result ("oom", out of memory (host)). The count is system-wide: another process
+      killed by it in the same window would read the same, and the kernel is the usual victim (largest RSS);
+    - SIGKILL with the count unchanged: killed by someone or something else (kill -9, a job limit): "error";
+    - SIGKILL where the system keeps no count: "error", saying the OOM killer is only the likely cause;
+    - any other exit: "error" naming the signal or the exit code.
+    """
+    if exit_status is None:
+        return "error", f"the kernel died{where} (exit status unknown); {memory}"
+    if exit_status >= 0:
+        return "error", f"the kernel exited with status {exit_status}{where}; {memory}"
+    sig = -exit_status
+    name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+    if sig != signal.SIGKILL:
+        return "error", f"the kernel died of {name}{where}; {memory}"
+    if oom_kills_before is None or oom_kills_after is None:
+        return "error", (f"the kernel was killed by SIGKILL{where}: the system's out-of-memory killer is the usual cause, "
+                         f"but this system does not count its kills (/proc/vmstat oom_kill); {memory}")
+    if oom_kills_after > oom_kills_before:
+        return "oom", (f"out of memory (host): the kernel was killed by the system's out-of-memory killer{where} "
+                       f"(SIGKILL; oom_kill count +{oom_kills_after - oom_kills_before}); {memory}")
+    return "error", (f"the kernel was killed by SIGKILL{where}, not by the out-of-memory killer (its kill count did "
+                     f"not change): a kill -9 or a job limit?; {memory}")
+
+
+def execute(sweep: dict, cfg: dict, say=None) -> str:
+    """Run one configuration in a fresh kernel; return its status. Failures are results, not crashes.
+
+    The run is ok only if its sidecar says so and its executed notebook reads back whole. A dead kernel is
+    classified by dead_kernel_outcome. Ctrl-C writes the run as `unfinished` and re-raises. A write that fails
+    for want of space or permission is recorded as an error if it can be, then raised (the sweep stops).
+    `say` gets progress lines while the run trains (KernelWatch)."""
     import papermill
 
-    from .runs import read_sidecar
+    from .runs import is_oom, notebook_problem, progress_path, read_sidecar
 
     folder = Path(cfg["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     sidecar = folder / f"{cfg['run_id']}.json"
+    notebook = folder / f"{cfg['run_id']}.ipynb"
+    progress = progress_path(sidecar)
     sidecar.unlink(missing_ok=True)  # an old result must not survive a redo that is killed midway
+    progress.unlink(missing_ok=True)
     params = {k: v for k, v in cfg.items() if k in sweep["params"]}
+    _KERNEL.clear()
+    oom_kills = oom_kill_count()
+    failure = None
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _interrupt) if main_thread else None
+    with KernelWatch(progress, say) as watch:
+        try:
+            papermill.execute_notebook(str(sweep["notebook"]), str(notebook), parameters=params,
+                                       cwd=str(PROJECT_ROOT), progress_bar=False,
+                                       kernel_manager_class=_kernel_manager_class())
+        except KeyboardInterrupt:
+            watch.sample()  # the step reached
+            try:
+                _record(cfg, "unfinished", f"interrupted (Ctrl-C){watch.where()}: re-run the sweep to redo this run")
+            except OSError:
+                pass
+            raise
+        except Exception as e:  # the notebook raised (papermill marks the cell), the kernel died, a write failed
+            failure = e
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
+            watch.sample()  # the step and memory as the run ended, before the file goes
+            try:
+                progress.unlink(missing_ok=True)  # the sidecar is the record now
+            except OSError:
+                pass
+    if isinstance(failure, OSError) and failure.errno in STORAGE_ERRNOS:
+        if not failure.filename:  # papermill's write says what failed, not where
+            failure = OSError(failure.errno, failure.strerror, str(notebook))
+        _record(cfg, "error", f"the executed notebook could not be written: {describe_os_error(failure)}")
+        raise failure
+    if failure is not None and not isinstance(failure, papermill.PapermillExecutionError):
+        memory, metrics = watch.memory()
+        if "exit" in _KERNEL or type(failure).__name__ == "DeadKernelError":
+            status, text = dead_kernel_outcome(_KERNEL.get("exit"), oom_kills, oom_kill_count(), watch.where(), memory)
+            return _record(cfg, status, text, metrics)
+        text = f"{type(failure).__name__}: {failure}"
+        return _record(cfg, "oom" if is_oom(text) else "error", text)
     try:
-        papermill.execute_notebook(str(sweep["notebook"]), str(folder / f"{cfg['run_id']}.ipynb"),
-                                   parameters=params, cwd=str(PROJECT_ROOT), progress_bar=False,
-                                   **papermill_options())
-    except papermill.PapermillExecutionError as e:
-        if not sidecar.exists():  # the notebook's own guard writes oom/error sidecars with measurements
-            return _record_failure(cfg, e)
-    except Exception as e:  # kernel died (e.g. host OOM killer), papermill I/O error, ...
-        if not sidecar.exists():
-            return _record_failure(cfg, e)
-    try:
-        return read_sidecar(sidecar)["status"]
+        status = read_sidecar(sidecar)["status"]
     except ValueError as e:
-        return _record_failure(cfg, e)
+        if failure is not None:  # the notebook raised outside a guarded step: no sidecar of its own
+            return _record_failure(cfg, failure)
+        return _record(cfg, "error", f"the notebook ended without a readable sidecar ({e})")
+    problem = notebook_problem(notebook)
+    if problem:
+        return _record(cfg, "error", f"{notebook}: {problem} (a full disk?); the run itself ended {status}")
+    return status
 
 
 def _fmt(seconds: float) -> str:
@@ -193,11 +450,32 @@ def _fmt(seconds: float) -> str:
     return f"{m}m{s:02d}s"
 
 
+_IN_RUN = threading.Event()  # a side-by-side worker is inside execute (SIGTERM then means: stop this run)
+
+
+def _stop_worker(signum, frame):
+    if _IN_RUN.is_set():
+        _interrupt(signum, frame)  # execute records the run as unfinished
+    sys.exit(0)
+
+
 def _side_by_side_worker(jobs: int) -> None:
     os.environ[SIDE_BY_SIDE_ENV] = str(jobs)  # the kernels papermill starts inherit it
     # Each kernel would otherwise start one CPU thread per core: N kernels x all cores threads on one machine.
     # Share the cores out as torchrun does for several processes a node (a value the user set is kept).
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    # Ctrl-C at a terminal reaches the whole process group: the parent alone handles it and stops the workers
+    # with SIGTERM, so each records its run as unfinished and none dies with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
+
+
+def _execute_in_worker(sweep: dict, cfg: dict) -> str:
+    _IN_RUN.set()
+    try:
+        return execute(sweep, cfg)
+    finally:
+        _IN_RUN.clear()
 
 
 def _label(c: dict, show: list) -> str:
@@ -205,8 +483,10 @@ def _label(c: dict, show: list) -> str:
 
 
 def _run_one_at_a_time(sweep, configs, todo, states, show, out, t0) -> None:
-    """Run `todo` in order, one fresh kernel at a time; print each start (with time left) and outcome."""
+    """Run `todo` in order, one fresh kernel at a time; print each start (with time left), the running run's
+    step now and then, and each outcome."""
     done = 0
+    say = lambda line: print(line, file=out, flush=True)  # noqa: E731
     for i, c in enumerate(configs, 1):
         if c not in todo:
             print(f"[{i}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]}) {_label(c, show)}", file=out,
@@ -218,7 +498,7 @@ def _run_one_at_a_time(sweep, configs, todo, states, show, out, t0) -> None:
         print(f"[{i}/{len(configs)}] run {c['run_id']}{redo} {_label(c, show)} (elapsed {_fmt(elapsed)}{eta})",
               file=out, flush=True)
         t = time.perf_counter()
-        states[c["run_id"]] = execute(sweep, c)
+        states[c["run_id"]] = execute(sweep, c, say)
         done += 1
         print(f"    -> {states[c['run_id']]} in {_fmt(time.perf_counter() - t)}", file=out, flush=True)
 
@@ -230,14 +510,19 @@ def _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0) -> None
         if c not in todo:
             print(f"[{index[c['run_id']]}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]})", file=out, flush=True)
     ctx = multiprocessing.get_context("spawn")  # no inherited threads or CUDA state
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_side_by_side_worker,
-                                                initargs=(jobs,)) as pool:
-        futures = {pool.submit(execute, sweep, c): c for c in todo}
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_side_by_side_worker,
+                                                  initargs=(jobs,))
+    try:
+        futures = {pool.submit(_execute_in_worker, sweep, c): c for c in todo}
         done = 0
         for f in concurrent.futures.as_completed(futures):
             c = futures[f]
             try:
                 states[c["run_id"]] = f.result()
+            except OSError as e:
+                if e.errno in STORAGE_ERRNOS:
+                    raise
+                states[c["run_id"]] = _record_failure(c, e)
             except Exception as e:  # the worker process itself died
                 states[c["run_id"]] = _record_failure(c, e)
             done += 1
@@ -245,13 +530,46 @@ def _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0) -> None
             left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
             print(f"[{index[c['run_id']]}/{len(configs)}] {states[c['run_id']]} {c['run_id']} {_label(c, show)} "
                   f"({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
+    except BaseException:  # Ctrl-C or a full disk: stop the runs in flight, each records itself as unfinished
+        for process in list((pool._processes or {}).values()):
+            try:
+                process.terminate()
+            except OSError:
+                pass
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+class SweepFault(RuntimeError):
+    """The sweep stopped early: a file could not be written (full disk, no permission). Runs done are kept."""
+
+
+class ReportError(RuntimeError):
+    """Every run ran, but the analysis notebook of the report failed."""
+
+
+def _done(states: dict) -> int:
+    return sum(s in FINISHED for s in states.values())
+
+
+def _summary_best_effort(folder) -> Path | None:
+    from .runs import write_summary
+
+    try:
+        return write_summary(folder)
+    except OSError:
+        return None
 
 
 def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = True, reports_root=None,
               out=None, jobs: int = 1) -> dict:
     """Check the sweep file, then run every configuration not yet finished; return {run_id: status}.
 
-    jobs > 1 runs that many side by side (see the module docstring for what that does to cost figures)."""
+    jobs > 1 runs that many side by side (see the module docstring for what that does to cost figures).
+    Ctrl-C: the run in progress is recorded as unfinished, summary.csv is written, "interrupted: N of M runs
+    done" is printed and KeyboardInterrupt raised. A write that fails for want of space or permission raises
+    SweepFault (one line: what, where, and how many runs are done)."""
     from filelock import FileLock, Timeout
 
     if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
@@ -259,12 +577,13 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
     out = out or sys.stdout
     sweep = load_sweep(path, reports_root)
     configs = expand(sweep)
-    from .runs import validate
+    from .runs import validate, write_summary
 
+    types = {k: p["type"] for k, p in sweep["params"].items()}
     for cfg in configs:  # every configuration is checked before the first one runs
         try:
-            validate(cfg, here=not dry_run)
-        except ValueError as e:
+            validate(cfg, here=not dry_run, types=types)
+        except (ValueError, RuntimeError) as e:  # RuntimeError: bitsandbytes missing for a quantized run
             raise SweepError(f"{path}: run {cfg['run_id']}: {e}") from e
     show = varying(configs)
     states = {c["run_id"]: run_state(c) for c in configs}
@@ -285,25 +604,57 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
                          "wait for it to finish or stop it first") from None
     try:
         t0 = time.perf_counter()
-        if jobs > 1:
-            print(f"{jobs} runs side by side: perplexity is valid, time/throughput/energy/device memory are shared "
-                  f"figures, not one run's", file=out, flush=True)
-            _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0)
-        else:
-            _run_one_at_a_time(sweep, configs, todo, states, show, out, t0)
-        from .runs import write_summary
-
-        summary = write_summary(sweep["folder"])
+        try:
+            if jobs > 1:
+                print(f"{jobs} runs side by side: perplexity is valid, time/throughput/energy/device memory are "
+                      f"shared figures, not one run's", file=out, flush=True)
+                _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0)
+            else:
+                _run_one_at_a_time(sweep, configs, todo, states, show, out, t0)
+        except KeyboardInterrupt:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the summary short
+            try:
+                states.update({c["run_id"]: run_state(c) for c in configs})
+                summary = _summary_best_effort(sweep["folder"])
+                print(f"interrupted: {_done(states)} of {len(configs)} runs done, re-run to resume"
+                      + (f" (summary {summary})" if summary else ""), file=out, flush=True)
+            finally:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise
+        except OSError as e:
+            if e.errno not in STORAGE_ERRNOS:
+                raise
+            states.update({c["run_id"]: run_state(c) for c in configs})
+            _summary_best_effort(sweep["folder"])
+            raise SweepFault(f"{describe_os_error(e)} ({_done(states)} of {len(configs)} runs done)") from e
+        try:
+            summary = write_summary(sweep["folder"])
+        except OSError as e:
+            raise SweepFault(f"{describe_os_error(e)} (all {len(configs)} runs ran; summary.csv not written)") from e
         counts = {s: list(states.values()).count(s) for s in sorted(set(states.values()))}
         print(f"done in {_fmt(time.perf_counter() - t0)}: {counts}; summary {summary}", file=out, flush=True)
         if report:
+            import papermill
+
             from .report import build_report
 
-            html = build_report(sweep["folder"])
+            try:
+                html = build_report(sweep["folder"])
+            except papermill.PapermillExecutionError as e:
+                raise ReportError(f"the report's analysis notebook failed ({e.ename}: {e.evalue}); its executed copy "
+                                  f"is {sweep['folder'] / 'analysis.failed.ipynb'}") from e
             print(f"report: {html}", file=out, flush=True)
     finally:
         lock.release()
     return states
+
+
+# Exit codes of python -m helpers.sweep (README, "Sweeps"): a script can tell these apart.
+EXIT_OK = 0           # every run is ok or oom (an out-of-memory run is a result, not an error)
+EXIT_RUN_ERRORS = 1   # the sweep ran to its end, but a run ended in error (summary.csv says why), or the report failed
+EXIT_REFUSED = 2      # nothing ran: the sweep file or a value in it was refused, or another sweep holds the folder
+EXIT_CANNOT_WRITE = 3  # stopped: a file could not be written (disk full, no permission); finished runs are kept
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it); the run in progress is recorded unfinished
 
 
 def main(argv=None) -> int:
@@ -320,15 +671,33 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
-        run_sweep(a.sweep_file, dry_run=a.dry_run, force=a.force, report=not a.no_report, reports_root=a.reports,
-                  jobs=a.jobs)
+        states = run_sweep(a.sweep_file, dry_run=a.dry_run, force=a.force, report=not a.no_report,
+                           reports_root=a.reports, jobs=a.jobs)
     except (SweepError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:  # e.g. --dry-run | head: the reader left; not an error of the sweep
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    return 0
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED  # run_sweep printed "interrupted: N of M runs done" if a run had started
+    except SweepFault as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
+    except OSError as e:
+        if e.errno == errno.EPIPE:  # e.g. --dry-run | head: the reader left; not an error of the sweep
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_OK
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return EXIT_CANNOT_WRITE
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUN_ERRORS
+    if a.dry_run:
+        return EXIT_OK
+    failed = sorted(rid for rid, s in states.items() if s not in FINISHED)
+    if failed:
+        print(f"error: {len(failed)} of {len(states)} runs ended in error (see the error column of summary.csv): "
+              f"{', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}", file=sys.stderr)
+        return EXIT_RUN_ERRORS
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Every step row is a flat dict with the same keys every step, in the units its name says; a value
 that does not exist on this device is None (never 0), so charts can tell "absent" from "zero".
 """
+import json
 import os
 import resource
 import time
@@ -12,6 +13,7 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
+from .files import atomic_write
 from .levers import IGNORE_INDEX
 
 GIB = 2**30
@@ -338,3 +340,29 @@ def _median(xs):
     m = len(xs) // 2
     return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
 
+
+class ProgressFile(TrainerCallback):
+    """After every optimizer step, rewrite a small JSON file: step, max_steps, seconds since training began and
+    the process's resident memory. The sweep polls it to show the running run's step and time left, and reads
+    the last memory figure if the kernel is killed (helpers.sweep). Best effort: a failed write (a full disk)
+    never stops training; the sidecar and the executed notebook are what count.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.t0 = time.perf_counter()
+
+    def _write(self, state) -> None:
+        row = {"step": state.global_step, "max_steps": state.max_steps,
+               "elapsed_s": time.perf_counter() - self.t0, "rss_gib": psutil.Process().memory_info().rss / GIB}
+        try:
+            atomic_write(self.path, json.dumps(row), durable=False)
+        except OSError:
+            pass
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+        self._write(state)
+
+    def on_step_end(self, args, state, control, **kw):
+        self._write(state)

@@ -27,15 +27,25 @@ def test_notebook_runs_default_model_and_writes_sidecar(tmp_path):
     assert m["grad_check_rel_error"] < 1e-4 and m["grad_check_s"] > 0  # the guard ran, on a 4-bit layer
     assert len(r["history"]) == 3 and all(h["step_time_s"] > 0 for h in r["history"])
     assert r["environment"]["bitsandbytes"] and r["environment"]["device"] == "cpu"
+    # the Trainer's progress bar (steps, elapsed, and time left while it runs) is in the executed notebook;
+    # the progress file the sweep polls is gone once the sidecar holds the history
+    assert "<progress value='3' max='3'" in (tmp_path / "run.ipynb").read_text()
+    assert not list(out.glob("*.progress"))
 
 
 @pytest.mark.slow
-def test_notebook_refuses_bad_value_before_loading(tmp_path):
+@pytest.mark.parametrize("bad, message", [
+    (dict(quant="int4"), "quant='int4'"),
+    # what `papermill -p learning_rate abc` passes: a str, refused by the parameters cell's declared type
+    (dict(learning_rate="abc"), "learning_rate='abc' is a str, the notebook expects float"),
+    (dict(run_id="../../somewhere"), "run_id='../../somewhere' is not allowed"),
+])
+def test_notebook_refuses_bad_value_before_loading(tmp_path, bad, message):
     out = tmp_path / "runs"
     with pytest.raises(papermill.PapermillExecutionError) as e:
         papermill.execute_notebook(str(TRAIN_NOTEBOOK), str(tmp_path / "bad.ipynb"),
-                                   parameters=dict(quant="int4", output_dir=str(out)), progress_bar=False)
-    assert "ValueError" in str(e.value) and "quant='int4'" in str(e.value)
+                                   parameters=dict(bad, output_dir=str(out)), progress_bar=False)
+    assert "ValueError" in str(e.value) and message in str(e.value)
     assert e.value.exec_count == 3  # the cell right after the parameters
     assert not out.exists()  # no sidecar, let alone one claiming success
 

@@ -36,7 +36,7 @@ GOOD = {"name": "t", "base": {"max_steps": 5}, "grid": {"quant": ["none", "nf4"]
         ({"grid": {}}, "grid is empty"),
         ({"grid": None}, "grid is empty"),
         ({"grid": {"lora_r": []}}, "lora_r must be a non-empty list"),
-        ({"grid": {"seed": [0, 1]}}, "use repeats for seeds"),
+        ({"grid": {"seed": [0, 1]}}, "seed is set by the runner (use repeats"),
         ({"repeats": 0}, "repeats=0"),
         ({"name": "../escape"}, "name='../escape'"),
         ({"notebook": "notebooks/nope.ipynb"}, "nope.ipynb not found"),
@@ -139,15 +139,15 @@ def test_killed_sweep_redoes_only_the_interrupted_run_and_refuses_a_second_sweep
 
 @pytest.mark.slow
 def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_model_dir):
-    # a .jsonl corpus passes the up-front checks (the file exists) but its line lacks "text": the run fails
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"body": "no text field"}\n')
+    # two documents pass the up-front checks, but hold fewer tokens than one block: the run fails
+    bad = tmp_path / "short.txt"
+    bad.write_text("a\n\nb\n")
     path = tiny_sweep(tmp_path, tiny_model_dir, {"corpus": [str(tmp_path / "corpus.txt"), str(bad)]}, name="fails")
     states = sweep.run_sweep(path, report=False, reports_root=tmp_path / "r")
     assert sorted(states.values()) == ["error", "ok"]
     runs = tmp_path / "r" / "fails" / "runs"
     failed = next(r for r in read_all(runs) if r["status"] == "error")
-    assert "bad.jsonl line 1" in failed["error"] and failed["config"]["corpus"] == str(bad)
+    assert "fewer than one block" in failed["error"] and failed["config"]["corpus"] == str(bad)
     nb = json.loads((runs / f"{failed['run_id']}.ipynb").read_text())  # kept, with papermill's error marker
     assert any("papermill-error-cell-tag" in c.get("metadata", {}).get("tags", []) for c in nb["cells"])
     assert (tmp_path / "r" / "fails" / "summary.csv").read_text().count("\n") == 3  # header + 2 rows
@@ -163,8 +163,8 @@ def test_jobs_must_be_a_whole_number(tmp_path, jobs):
 def test_side_by_side_sweep_runs_every_config_records_the_sharing_and_the_analysis_says_so(tmp_path, tiny_model_dir):
     from helpers import analysis
 
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"body": "no text field"}\n')
+    bad = tmp_path / "short.txt"  # passes the up-front checks, too short for one block: the run fails
+    bad.write_text("a\n\nb\n")
     path = tiny_sweep(tmp_path, tiny_model_dir, {"corpus": [str(tmp_path / "corpus.txt"), str(bad)], "lora_r": [2, 4]},
                       name="pair")
     # the worker processes must find the test's model cache as the kernels do

@@ -86,11 +86,14 @@ device: str = "auto"           # auto | cpu | cuda | cuda:N
 output_dir: str = "reports/scratch/runs"  # the sidecar goes here (relative to the project root)
 run_id: str = ""               # empty: derived from the parameters
 ''', tags=["parameters"]),
-    md("## 1 · Check the configuration\nEvery knob above goes into `config`; a bad value stops here, before anything is loaded or written."),
+    md("## 1 · Check the configuration\nEvery knob above goes into `config`; a bad value stops here, before anything is loaded or written: "
+       "an unknown name, a value of the wrong type (`papermill -p learning_rate abc` gives a str), a number out of range or "
+       "not finite, a device this machine lacks, a corpus file that is no text or has fewer than two documents, "
+       "a `run_id` or `output_dir` that would leave its folder."),
     code('''
 import helpers.runs as runs
 config = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
-runs.validate(config)
+runs.validate(config, types=__annotations__)  # the types declared in the parameters cell
 run = runs.start(config)
 print(f"run {run['run_id']} -> {run['sidecar']}")
 '''),
@@ -155,12 +158,14 @@ run["metrics"]["grad_check_rel_error"], run["metrics"]["grad_check_s"] = check["
 print(f"gradient check: {check['layer']} relative error {check['rel_error']:.2g} (allowed {check['tolerance']:g}), "
       f"{check['seconds'] * 1000:.0f} ms" if check["layer"] else "gradient check: no quantized layer (nothing to check)")
 '''),
-    md("## 7 · Train\nOne telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
+    md("## 7 · Train\nThe Trainer's progress bar shows the step and the time left; each step also rewrites `<run_id>.progress` "
+       "beside the sidecar, which a sweep polls to show the step on its own line. "
+       "One telemetry row per optimizer step (device-synchronised time, tokens, loss, LR, memory incl. NVML); "
        "energy from NVML's counter over the training window on a GPU. Memory peaks: torch (allocated, reserved), NVML "
        "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
 steps = telemetry.StepTelemetry(run["device"])  # counts each step's loss tokens as the Trainer fetches its batches
-callbacks = [steps]
+callbacks = [steps, telemetry.ProgressFile(runs.progress_path(run["sidecar"]))]
 if eval_every:  # held-out perplexity during training; its time and energy are left out of the training figures
     from helpers.evaluate import held_out_curve
     callbacks.append(held_out_curve(net, eval_blocks_t, eval_every, steps, batch_size=batch_size * 2))
