@@ -381,7 +381,10 @@ def measured_runs(reports: str | Path = "reports") -> list[dict]:
     rows = []
     for f in sorted(root.glob("*/runs/**/*.json")):
         d = json.loads(f.read_text())
-        if d.get("device") != "cuda" or "config" not in d:
+        # a run that ran out of memory outside the notebook's guarded steps has its record from the sweep, which
+        # does not know the device; CUDA's own error text says where it ran
+        on_cuda = d.get("device") == "cuda" or "CUDA out of memory" in (d.get("error") or "")
+        if not on_cuda or "config" not in d:
             continue
         m, conf = d.get("metrics", {}), d["config"]
         cfg = {k: conf[k] for k in DEFAULTS if k in conf}

@@ -139,9 +139,10 @@ print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{no
 from helpers.train import attach_lora, make_trainer
 from transformers import set_seed
 set_seed(seed)
-net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, keep_16bit,
-                  fp32_upcast=fp32_upcast)
-net = levers.apply_to_peft(net, lever_cfg)  # tiled MLPs and torch.compile of each decoder layer, if on
+with runs.guard(run):  # peft's float32 upcast allocates: an out-of-memory here is a result too
+    net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, keep_16bit,
+                      fp32_upcast=fp32_upcast)
+    net = levers.apply_to_peft(net, lever_cfg)  # tiled MLPs and torch.compile of each decoder layer, if on
 on_levers = {k: v for k, v in lever_cfg.items() if v}
 print(f"levers: {on_levers or 'none (the plain stack)'}")
 run["metrics"]["params_trainable"], _ = models.count_parameters(net)
