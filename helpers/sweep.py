@@ -26,6 +26,7 @@ import errno
 import functools
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -245,6 +246,9 @@ def _kernel_manager_class():
 
 def _interrupt(signum, frame):
     _KERNEL["stop"] = True
+    # the run is being stopped on purpose: nbclient's task for the cell then fails with DeadKernelError, which
+    # nothing awaits any more, and asyncio would log it as a traceback ("Task exception was never retrieved")
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     raise KeyboardInterrupt
 
 

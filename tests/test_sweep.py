@@ -179,7 +179,7 @@ def test_side_by_side_sweep_runs_every_config_records_the_sharing_and_the_analys
     assert [r["environment"]["cpu_threads"] for r in ok] == [threads] * 2
     summary, _ = analysis.load_sweep(tmp_path / "r" / "pair")
     _, line = analysis.throughput(summary)
-    assert "2 side by side" in line and "shared figures" in line
+    assert "2 side by side" in line and "no speed is a run's own" in line  # the analysis draws no per-run cost
     # a resumed sweep finds everything finished or failed-and-redone, never a half-written file
     again = sweep.run_sweep(path, report=False, reports_root=tmp_path / "r", jobs=2)
     assert sorted(again.values()) == ["error", "error", "ok", "ok"]
