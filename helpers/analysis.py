@@ -20,8 +20,8 @@ from plotly.subplots import make_subplots
 
 from . import runs
 from .levers import LEVERS
+from .paths import PROJECT_ROOT, resolve_sweep_dir  # noqa: F401 - resolve_sweep_dir: callers know it from here
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 QUANT_ORDER = ("none", "int8", "nf4", "fp4")  # 16-bit base first, then by bits per weight
 # Config keys that do not make a configuration different: where results go, the seed (a repeat),
 # the device string, and the VRAM budget (the feasibility matrix's other axis).
@@ -45,15 +45,6 @@ Q4_1_NOTE = "smollm2-135m's weights were already rounded to 4 bits (Q4_1) in the
 
 
 # --- loading -------------------------------------------------------------------------------------
-
-def resolve_sweep_dir(sweep_dir) -> Path:
-    """A sweep folder; a relative path is relative to the project root (the parent of helpers/)."""
-    p = Path(sweep_dir).expanduser()
-    p = p if p.is_absolute() else PROJECT_ROOT / p
-    if not (p / "runs").is_dir():
-        raise FileNotFoundError(f"{p} is not a sweep folder: it has no runs/ subfolder")
-    return p
-
 
 def is_synthetic(row) -> bool:
     """Random weights of a named shape: their perplexity and loss are no quality figure."""

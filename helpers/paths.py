@@ -10,3 +10,12 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED_REPORTS = PROJECT_ROOT / "reports"
 LOCAL_REPORTS = PUBLISHED_REPORTS / "local"
+
+
+def resolve_sweep_dir(sweep_dir) -> Path:
+    """A sweep folder; a relative path is relative to the project root (the parent of helpers/)."""
+    p = Path(sweep_dir).expanduser()
+    p = p if p.is_absolute() else PROJECT_ROOT / p
+    if not (p / "runs").is_dir():
+        raise FileNotFoundError(f"{p} is not a sweep folder: it has no runs/ subfolder")
+    return p

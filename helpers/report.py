@@ -15,9 +15,9 @@ from pathlib import Path
 
 from .files import atomic_write, publish
 from .kernels import papermill_options
+from .paths import PROJECT_ROOT, resolve_sweep_dir
 from .runs import write_summary
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ANALYSIS_NOTEBOOK = PROJECT_ROOT / "notebooks" / "02_analysis.ipynb"
 
 # nbconvert's lab template, minus every <script src> from a CDN, plus plotly.js once (the figures'
@@ -59,8 +59,6 @@ def build_report(sweep_dir) -> Path:
     the previous analysis.ipynb and analysis.html are left as they were.
     """
     import papermill
-
-    from .analysis import resolve_sweep_dir
 
     folder = resolve_sweep_dir(sweep_dir)
     write_summary(folder)

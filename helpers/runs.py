@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .data import RANDOM_CORPUS, check_corpus
 from .files import atomic_write
+from .paths import PROJECT_ROOT
 from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic
 from .levers import LEVERS
 from .levers import config_of as levers_of
@@ -15,7 +16,6 @@ from .levers import problems as lever_problems
 from .train import BNB_OPTIMIZERS, OPTIMIZERS
 
 SIDECAR_VERSION = 1
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")
 OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast")  # added after the first runs were recorded: in the id only when on
