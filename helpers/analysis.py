@@ -18,8 +18,8 @@ import plotly.io as pio
 from plotly.io.base_renderers import MimetypeRenderer
 from plotly.subplots import make_subplots
 
-from . import runs
-from .levers import LEVERS
+from . import sidecars
+from .registry import LEVERS
 from .paths import PROJECT_ROOT, resolve_sweep_dir  # noqa: F401 - resolve_sweep_dir: callers know it from here
 
 QUANT_ORDER = ("none", "int8", "nf4", "fp4")  # 16-bit base first, then by bits per weight
@@ -65,13 +65,13 @@ def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     history: one row per training step of every readable run, with run_id and the config columns.
     """
     folder = resolve_sweep_dir(sweep_dir)
-    records = runs.read_all(folder / "runs")
-    rows = runs.summary_rows(records)
+    records = sidecars.read_all(folder / "runs")
+    rows = sidecars.summary_rows(records)
     by_id = {r["run_id"]: r for r in rows}
     for r in rows:
         r["notebook"], r["notebook_error"] = "missing", None
     for nb in sorted((folder / "runs").glob("*.ipynb")):
-        problem = runs.notebook_problem(nb)
+        problem = sidecars.notebook_problem(nb)
         if nb.stem in by_id:
             by_id[nb.stem].update(notebook="corrupt" if problem else "ok", notebook_error=problem)
         else:  # papermill wrote the notebook but no sidecar followed: the run was cut short

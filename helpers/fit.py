@@ -74,8 +74,7 @@ OPTIMIZER_STATE_BYTES = {  # bytes of optimizer state per trainable parameter, a
 }
 PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")  # state in CUDA unified memory: outside torch's allocator
 OPTIMIZER_TEMP_BYTES = {"adamw_torch": 4}  # foreach AdamW: one fp32 temporary per parameter (sqrt of exp_avg_sq)
-LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
-COUNT_LEVERS = ("chunked_loss", "tiled_mlp")
+LEVERS, COUNT_LEVERS = registry.LEVERS, tuple(registry.COUNT_LEVERS)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto: bfloat16 on a GPU
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANT_BLOCK = 64          # bitsandbytes 4-bit blocksize (weights per absmax)

@@ -25,9 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
-COUNT_LEVERS = {"chunked_loss": "chunks", "tiled_mlp": "sequence slices"}  # a whole number of these, 0 = off;
-# the other levers are True / False
+from .registry import COUNT_LEVERS, LEVERS  # noqa: E402,F401 - the names, defined once (torch-free)
 IGNORE_INDEX = -100
 
 

