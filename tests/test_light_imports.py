@@ -5,7 +5,8 @@ import sys
 
 from helpers.paths import PROJECT_ROOT
 
-LIGHT = ("helpers.analysis", "helpers.reference", "helpers.sidecars", "helpers.registry", "helpers.paths", "helpers.fit")
+LIGHT = ("helpers.analysis", "helpers.reference", "helpers.sidecars", "helpers.registry", "helpers.paths", "helpers.fit",
+         "helpers.fitplots")
 
 
 def test_the_reading_side_does_not_import_torch():
