@@ -314,6 +314,9 @@ def run_table(summary: pd.DataFrame) -> pd.DataFrame:
     t["error"] = [p if len(p) <= 100 else p[:97] + "..." for p in problems]
     t["tokens_per_s"] = t["tokens_per_s"].round(2).mask(side_by_side(summary))  # shared device: not the run's own
     t["ppl_after"] = t["ppl_after"].round(3)
+    if "vram_budget_gib" in t.columns:  # 0 means no cap: say so instead of showing "0.0"
+        t["vram_budget_gib"] = [_budget_label(b) for b in pd.to_numeric(t["vram_budget_gib"]).fillna(0.0)]
+        t = t.rename(columns={"vram_budget_gib": "memory budget"})
     if "synthetic" in summary.columns:  # random weights: a perplexity, but no quality figure
         t.loc[summary["synthetic"].fillna(False).astype(bool).values, "ppl_after"] = None
     if "seed" in t.columns:

@@ -133,6 +133,7 @@ def test_corrupt_sidecar_and_notebook_are_marked_and_the_rest_loads(cpu_sweep):
     assert table.loc["truncated-run", "status"] == "corrupt" and "truncated-run.json" in table.loc["truncated-run", "error"]
     assert table.loc[ids[("nf4", 32)], "notebook"] == "corrupt"
     assert "not a readable notebook" in table.loc[ids[("nf4", 32)], "error"]
+    assert set(table["memory budget"]) == {"whole device"}  # vram_budget_gib 0 is no cap, not "0.0"
 
 
 def test_summary_csv_marks_corrupt_sidecar_and_goes_on(cpu_sweep):
