@@ -19,10 +19,10 @@ from plotly.io.base_renderers import MimetypeRenderer
 from plotly.subplots import make_subplots
 
 from . import sidecars
-from .registry import LEVERS
+from .registry import LEVERS, QUANT_ORDER, RANDOM_CORPUS
+from .registry import is_synthetic as is_synthetic_model
 from .paths import PROJECT_ROOT, resolve_sweep_dir  # noqa: F401 - resolve_sweep_dir: callers know it from here
 
-QUANT_ORDER = ("none", "int8", "nf4", "fp4")  # 16-bit base first, then by bits per weight
 # Config keys that do not make a configuration different: where results go, the seed (a repeat),
 # the device string, and the VRAM budget (the feasibility matrix's other axis).
 NOT_CONFIG = ("run_id", "output_dir", "seed", "device", "vram_budget_gib")
@@ -46,13 +46,13 @@ Q4_1_NOTE = "smollm2-135m's weights were already rounded to 4 bits (Q4_1) in the
 
 # --- loading -------------------------------------------------------------------------------------
 
-def is_synthetic(row) -> bool:
-    """Random weights of a named shape: their perplexity and loss are no quality figure."""
+def synthetic_row(row) -> bool:
+    """A run of random weights (a synthetic shape): its perplexity and loss are no quality figure."""
     flag = row.get("synthetic")
     if isinstance(flag, bool) or (isinstance(flag, (int, float)) and not pd.isna(flag)):
         if bool(flag):
             return True
-    return str(row.get("model") or "").endswith("-shape") or row.get("corpus") == "random-tokens"
+    return is_synthetic_model(str(row.get("model") or "")) or row.get("corpus") == RANDOM_CORPUS
 
 
 def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -104,7 +104,7 @@ def load_sweep(sweep_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     for col in METRICS:
         summary[col] = pd.to_numeric(summary[col], errors="coerce")
     summary["vram_budget_gib"] = pd.to_numeric(summary["vram_budget_gib"], errors="coerce").fillna(0.0)
-    summary["synthetic"] = [is_synthetic(r) for r in summary.to_dict("records")]
+    summary["synthetic"] = [synthetic_row(r) for r in summary.to_dict("records")]
     summary = _sort_runs(summary)
     summary.attrs["config_keys"] = sorted(_config_keys(records))
     _fill_defaults(summary, summary.attrs["config_keys"])

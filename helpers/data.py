@@ -8,7 +8,7 @@ import torch
 
 DEFAULT_CORPUS = "pydoc"  # the Python reference topics every CPython ships (pydoc_data.topics)
 # Uniform random token ids, for synthetic (random-weight) models: their cost depends on shapes, not text.
-RANDOM_CORPUS = "random-tokens"
+from .registry import RANDOM_CORPUS  # noqa: E402 - the name, defined once (torch-free)
 from .registry import SYNTHETIC_EVAL_BLOCKS  # noqa: E402,F401 - eval blocks of a random-tokens run with eval_blocks 0
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 
 SYNTHETIC_EVAL_BLOCKS = 16  # eval blocks of a random-tokens run when eval_blocks is 0 (there is no corpus end)
 QUANTS = ("none", "nf4", "fp4", "int8")  # none = 16-bit base (plain LoRA); the rest = QLoRA-style
+BITS_PER_WEIGHT = {"none": 16, "int8": 8, "nf4": 4, "fp4": 4}
+QUANT_ORDER = tuple(sorted(QUANTS, key=lambda q: -BITS_PER_WEIGHT[q]))  # how charts list them: by bits, 16-bit first
+RANDOM_CORPUS = "random-tokens"  # uniform random token ids: the corpus of synthetic models, and only theirs
 # The speed and memory levers, by their notebook parameter names (helpers/levers.py says what each does):
 # here so the analysis and the memory predictor can name them without importing torch
 LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
