@@ -21,7 +21,7 @@ from plotly.subplots import make_subplots
 from . import sidecars
 from .registry import LEVERS, QUANT_ORDER, RANDOM_CORPUS
 from .registry import is_synthetic as is_synthetic_model
-from .paths import PROJECT_ROOT, resolve_sweep_dir  # noqa: F401 - resolve_sweep_dir: callers know it from here
+from .paths import PROJECT_ROOT, resolve_sweep_dir, shown  # noqa: F401 - resolve_sweep_dir: callers know it from here
 
 # Config keys that do not make a configuration different: where results go, the seed (a repeat),
 # the device string, and the VRAM budget (the feasibility matrix's other axis).
@@ -278,7 +278,7 @@ def plan_status(sweep_dir, summary: pd.DataFrame, sweep_file=None) -> str:
     path = Path(sweep_file) if sweep_file else PROJECT_ROOT / "parameters" / f"{folder.name}.yaml"
     if not path.is_file():
         return ""
-    shown = path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path
+    shown_path = shown(path)
     try:
         sweep = load_sweep(path, folder.parent)
     except SweepError as e:
@@ -293,10 +293,10 @@ def plan_status(sweep_dir, summary: pd.DataFrame, sweep_file=None) -> str:
         key = next((k for k in varying(configs) if k != "seed"), None)
         groups = Counter(f"{key}={c[key]}" for c in missing) if key else {}
         which = ", ".join(f"{g} ({n})" for g, n in groups.items())
-        line = (f" **{len(configs) - len(missing)} of the {len(configs)} runs that `{shown}` plans have a result**; "
-                f"still to run: {which or len(missing)} (resume: `python -m helpers.sweep {shown}`)")
+        line = (f" **{len(configs) - len(missing)} of the {len(configs)} runs that `{shown_path}` plans have a result**; "
+                f"still to run: {which or len(missing)} (resume: `python -m helpers.sweep {shown_path}`)")
     else:
-        line = f" All {len(configs)} runs that `{shown}` plans have a result"
+        line = f" All {len(configs)} runs that `{shown_path}` plans have a result"
     extra = here - {c["run_id"] for c in configs}
     if extra:
         line += f"; {len(extra)} run(s) here are not in it as it stands (an earlier recipe)"

@@ -753,29 +753,13 @@ def build_report(out_dir: str | Path = "reports/fit") -> Path:
     """notebooks/03_will_it_fit.ipynb executed by papermill into out_dir/will_it_fit.ipynb (explore off), and its
     self-contained HTML beside it; returns the HTML's path. Imports papermill and the report exporter, so it
     is the one part of this module that needs the full environment."""
-    import os
-    import tempfile
-
-    import papermill
-
-    from .files import publish
-    from .kernels import papermill_options
-    from .report import PROJECT_ROOT, export_html
+    from .paths import PROJECT_ROOT, shown
+    from .report import execute_into, export_html
 
     out = Path(out_dir) if Path(out_dir).is_absolute() else PROJECT_ROOT / out_dir
     out.mkdir(parents=True, exist_ok=True)
-    # the notebook shows its parameters: a folder inside the project is given relative to it, not this machine's
-    shown = out.relative_to(PROJECT_ROOT) if out.is_relative_to(PROJECT_ROOT) else out
-    fd, tmp = tempfile.mkstemp(prefix=".will_it_fit.", suffix=".ipynb", dir=out)
-    os.close(fd)
-    try:
-        papermill.execute_notebook(str(PROJECT_ROOT / "notebooks" / "03_will_it_fit.ipynb"), tmp, cwd=str(PROJECT_ROOT),
-                                   parameters={"explore": False, "out_dir": str(shown)}, progress_bar=False,
-                                   kernel_name="python3", **papermill_options())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    publish(tmp, out / "will_it_fit.ipynb")
+    execute_into(PROJECT_ROOT / "notebooks" / "03_will_it_fit.ipynb", out / "will_it_fit.ipynb",
+                 {"explore": False, "out_dir": str(shown(out))})
     return export_html(out / "will_it_fit.ipynb", out / "will_it_fit.html", title="will it fit?")
 
 

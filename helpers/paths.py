@@ -19,3 +19,9 @@ def resolve_sweep_dir(sweep_dir) -> Path:
     if not (p / "runs").is_dir():
         raise FileNotFoundError(f"{p} is not a sweep folder: it has no runs/ subfolder")
     return p
+
+
+def shown(path) -> Path:
+    """A path as a report or a message shows it: relative to the project when inside it, not this machine's."""
+    path = Path(path)
+    return path.relative_to(PROJECT_ROOT) if path.is_relative_to(PROJECT_ROOT) else path

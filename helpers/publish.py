@@ -12,22 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .paths import PROJECT_ROOT, PUBLISHED_REPORTS
-from .report import build_report
 from .files import atomic_write
-from .runs import read_sidecar
-
-
-def _copy(src: Path, dest: Path) -> None:
-    atomic_write(dest, src.read_bytes())
+from .paths import PUBLISHED_REPORTS, resolve_sweep_dir, shown
+from .report import build_report
+from .sidecars import read_sidecar
 
 
 def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:
     """(target folder, [(run_id, 'new' | 'replaces <old status>')], [run ids left out and why])."""
-    folder = Path(folder).expanduser()
-    folder = folder if folder.is_absolute() else PROJECT_ROOT / folder
-    if not (folder / "runs").is_dir():
-        raise FileNotFoundError(f"{folder} is not a sweep folder: it has no runs/ subfolder")
+    folder = resolve_sweep_dir(folder)
     target = PUBLISHED_REPORTS / folder.name
     if folder.resolve() == target.resolve():
         raise ValueError(f"{folder} is already the published folder; publish from reports/local/{folder.name}")
@@ -58,8 +51,7 @@ def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:
 
 def publish_sweep(folder, dry_run: bool = False, report: bool = True, out=None) -> Path:
     out = out or sys.stdout
-    folder = Path(folder).expanduser()
-    folder = folder if folder.is_absolute() else PROJECT_ROOT / folder
+    folder = resolve_sweep_dir(folder)
     target, todo, left_out = plan(folder)
     print(f"publish {len(todo)} run(s) of {folder} -> {target}" + (" (dry run)" if dry_run else ""), file=out)
     for rid, what in todo:
@@ -70,12 +62,11 @@ def publish_sweep(folder, dry_run: bool = False, report: bool = True, out=None) 
         return target
     (target / "runs").mkdir(parents=True, exist_ok=True)
     for rid, _ in todo:  # the notebook first: a sidecar in place means its run is complete
-        _copy(folder / "runs" / f"{rid}.ipynb", target / "runs" / f"{rid}.ipynb")
-        _copy(folder / "runs" / f"{rid}.json", target / "runs" / f"{rid}.json")
+        for name in (f"{rid}.ipynb", f"{rid}.json"):
+            atomic_write(target / "runs" / name, (folder / "runs" / name).read_bytes())
     if report:
         print(f"report: {build_report(target)}", file=out)
-    print(f"published; commit {target.relative_to(PROJECT_ROOT) if target.is_relative_to(PROJECT_ROOT) else target} "
-          "to make it the reference", file=out)
+    print(f"published; commit {shown(target)} to make it the reference", file=out)
     return target
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from .analysis import load_sweep
-from .paths import PROJECT_ROOT, PUBLISHED_REPORTS
+from .paths import PUBLISHED_REPORTS, shown
 PPL_TOLERANCE = 0.01
 MEMORY_TOLERANCE = 0.10
 # what can make the same configuration give another figure: the CPU (its instructions pick kernels), the
@@ -124,9 +124,9 @@ def flags(table: pd.DataFrame, env_diff: dict) -> list[str]:
 
 def verdict(table: pd.DataFrame, env_diff: dict, ref: Path, missing: int) -> str:
     """The paragraph at the top of a report: agreement, or the flags."""
-    shown = ref.relative_to(PROJECT_ROOT) if ref.is_relative_to(PROJECT_ROOT) else ref
+    ref_shown = shown(ref)
     if table.empty:
-        return (f"Published reference `{shown}`: no configuration here has an `ok` run in both folders yet, "
+        return (f"Published reference `{ref_shown}`: no configuration here has an `ok` run in both folders yet, "
                 "so nothing is compared.")
     speed = table["tokens_per_s_ratio"].dropna()
     speed_words = (f" Speed on this machine / reference: median {speed.median():.2f}× "
@@ -135,10 +135,10 @@ def verdict(table: pd.DataFrame, env_diff: dict, ref: Path, missing: int) -> str
     lines = flags(table, env_diff)
     if not lines:
         worst = table[["ppl_before_diff_pct", "ppl_after_diff_pct"]].abs().max().max()
-        return (f"**Same answer as the published reference** `{shown}`: all {len(table)} configurations agree "
+        return (f"**Same answer as the published reference** `{ref_shown}`: all {len(table)} configurations agree "
                 f"within ±{100 * PPL_TOLERANCE:g}% in perplexity before and after training (largest difference "
                 f"{worst:.3f}%).{speed_words}{gap}")
-    head = (f"**⚠ Different answer from the published reference** `{shown}` in {len(lines)} of {len(table)} "
+    head = (f"**⚠ Different answer from the published reference** `{ref_shown}` in {len(lines)} of {len(table)} "
             "configurations:")
     return "\n".join([head, *[f"- {line}" for line in lines], "", (speed_words + gap).strip()])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .files import atomic_write, publish
 from .kernels import papermill_options
-from .paths import PROJECT_ROOT, resolve_sweep_dir
+from .paths import PROJECT_ROOT, resolve_sweep_dir, shown
 from .runs import write_summary
 
 ANALYSIS_NOTEBOOK = PROJECT_ROOT / "notebooks" / "02_analysis.ipynb"
@@ -51,6 +51,30 @@ def export_html(notebook, html_path, title: str = "analysis") -> Path:
     return html_path
 
 
+def execute_into(notebook, dest: Path, parameters: dict, failed: Path | None = None) -> Path:
+    """Execute a notebook with papermill into dest, atomically: a temp file beside dest, renamed into place only
+    when every cell ran. If a cell fails, the executed copy (papermill marks the cell) goes to `failed` when given,
+    else it is removed; the error is raised and dest is left as it was."""
+    import papermill
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=".ipynb", dir=dest.parent)
+    os.close(fd)
+    try:
+        papermill.execute_notebook(str(notebook), tmp, parameters=parameters, cwd=str(PROJECT_ROOT),
+                                   progress_bar=False, kernel_name="python3", **papermill_options())
+    except papermill.PapermillExecutionError:
+        if failed is None:
+            Path(tmp).unlink(missing_ok=True)
+        else:
+            publish(tmp, failed)
+        raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    publish(tmp, dest)
+    return dest
+
+
 def build_report(sweep_dir) -> Path:
     """summary.csv, analysis.ipynb and analysis.html in the sweep folder; returns the HTML's path.
 
@@ -58,25 +82,10 @@ def build_report(sweep_dir) -> Path:
     copy (papermill marks the failing cell) is kept as analysis.failed.ipynb and the error is raised;
     the previous analysis.ipynb and analysis.html are left as they were.
     """
-    import papermill
-
     folder = resolve_sweep_dir(sweep_dir)
     write_summary(folder)
-    # the notebook shows its parameters: a path inside the project is given relative to it, not this machine's
-    shown = folder.relative_to(PROJECT_ROOT) if folder.is_relative_to(PROJECT_ROOT) else folder
-    fd, tmp = tempfile.mkstemp(prefix=".analysis.", suffix=".ipynb", dir=folder)
-    os.close(fd)
-    try:
-        papermill.execute_notebook(str(ANALYSIS_NOTEBOOK), tmp, parameters={"sweep_dir": str(shown), "explore": False},
-                                   cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3",
-                                   **papermill_options())
-    except papermill.PapermillExecutionError:
-        publish(tmp, folder / "analysis.failed.ipynb")
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    publish(tmp, folder / "analysis.ipynb")
+    execute_into(ANALYSIS_NOTEBOOK, folder / "analysis.ipynb", {"sweep_dir": str(shown(folder)), "explore": False},
+                 failed=folder / "analysis.failed.ipynb")
     return export_html(folder / "analysis.ipynb", folder / "analysis.html", title=f"{folder.name}: sweep analysis")
 
 
