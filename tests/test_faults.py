@@ -310,15 +310,21 @@ def test_a_read_only_runs_folder_is_one_line_and_exit_3(tmp_path, tiny_model_dir
     assert len(err) == 1 and err[0].startswith("error: cannot write ") and "Traceback" not in p.stdout + p.stderr
 
 
+def endless_tiny_sweep(tmp_path, tiny_model_dir):
+    """(sweep file, reports folder, runs folder) of two tiny runs whose step count is never reached: the test
+    stops them mid-training."""
+    path = tiny_sweep(tmp_path, tiny_model_dir, {"lora_r": [2, 4]})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["max_steps"] = 5000
+    path.write_text(yaml.safe_dump(spec))
+    reports = tmp_path / "reports"
+    return path, reports, reports / "tiny" / "runs"
+
+
 @pytest.mark.slow
 def test_ctrl_c_marks_the_run_unfinished_writes_the_summary_and_says_how_to_resume(tmp_path, tiny_model_dir,
                                                                                    monkeypatch):
-    path = tiny_sweep(tmp_path, tiny_model_dir, {"lora_r": [2, 4]})
-    spec = yaml.safe_load(path.read_text())
-    spec["base"]["max_steps"] = 5000  # never reached: the test stops it mid-training
-    path.write_text(yaml.safe_dump(spec))
-    reports = tmp_path / "reports"
-    runs_dir = reports / "tiny" / "runs"
+    path, reports, runs_dir = endless_tiny_sweep(tmp_path, tiny_model_dir)
     monkeypatch.setenv("QLORA_STUDY_PROGRESS_EVERY_S", "0")  # a progress line at every step the sweep sees
     p = start(path, reports)
     try:
@@ -346,12 +352,7 @@ def test_ctrl_c_marks_the_run_unfinished_writes_the_summary_and_says_how_to_resu
 
 @pytest.mark.slow
 def test_ctrl_c_at_a_terminal_stops_side_by_side_runs_each_recorded_unfinished(tmp_path, tiny_model_dir):
-    path = tiny_sweep(tmp_path, tiny_model_dir, {"lora_r": [2, 4]})
-    spec = yaml.safe_load(path.read_text())
-    spec["base"]["max_steps"] = 5000  # never reached: the test stops it mid-training
-    path.write_text(yaml.safe_dump(spec))
-    reports = tmp_path / "reports"
-    runs_dir = reports / "tiny" / "runs"
+    path, reports, runs_dir = endless_tiny_sweep(tmp_path, tiny_model_dir)
     p = subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(reports),
                           "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
