@@ -18,6 +18,7 @@ Two things, in the order a run meets them:
    A library change that breaks the backward of quantized layers on some CPU or GPU then stops the run
    instead of publishing a wrong number.
 """
+import copy
 import logging
 import time
 
@@ -70,19 +71,13 @@ def dequantized_weight(layer) -> torch.Tensor:
         state = w.quant_state
         data = w.data
         if getattr(state, "packing_format_for_cpu", False):  # undo a repack on a copy, to read the values
-            data, state = F._convert_weight_packed_for_cpu_inverse(data.clone(), _copy_state(state))
+            data, state = F._convert_weight_packed_for_cpu_inverse(data.clone(), copy.copy(state))
         return F.dequantize_4bit(data, state).float()
     # Linear8bitLt: int8 codes per output row, scaled by the row's absmax / 127
     scb = getattr(w, "SCB", None)
     if scb is None:
         scb = layer.state.SCB
     return w.data.float() * scb.float().unsqueeze(1) / 127.0
-
-
-def _copy_state(state):
-    import copy
-
-    return copy.copy(state)
 
 
 def gradient_check(model, rows: int = 4, seed: int = 0) -> dict:

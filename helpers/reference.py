@@ -52,7 +52,7 @@ def comparison(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
         row = {"run_id": rid, "config": a.get("config")}
         out = []
         for key in ("ppl_before", "ppl_after"):
-            row[f"{key}"], row[f"{key}_ref"] = a.get(key), b.get(key)
+            row[key], row[f"{key}_ref"] = a.get(key), b.get(key)
             row[f"{key}_diff_pct"] = _rel(a.get(key), b.get(key))
             if row[f"{key}_diff_pct"] is not None and abs(row[f"{key}_diff_pct"]) > 100 * PPL_TOLERANCE:
                 out.append(key)
