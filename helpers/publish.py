@@ -17,6 +17,8 @@ from .paths import PUBLISHED_REPORTS, resolve_sweep_dir, shown
 from .report import build_report
 from .sidecars import read_sidecar
 
+FINISHED = ("ok", "oom", "error")  # results, failures included; 'unfinished' (interrupted) is not one
+
 
 def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:
     """(target folder, [(run_id, 'new' | 'replaces <old status>')], [run ids left out and why])."""
@@ -30,6 +32,9 @@ def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:
             status = read_sidecar(sidecar)["status"]
         except ValueError as e:
             left_out.append(f"{sidecar.stem} ({e})")
+            continue
+        if status not in FINISHED:  # interrupted: not a result (the sweep redoes it), so not a reference either
+            left_out.append(f"{sidecar.stem} (status {status}: the run did not finish; re-run the sweep to redo it)")
             continue
         if not sidecar.with_suffix(".ipynb").is_file():
             left_out.append(f"{sidecar.stem} (status {status}, but its executed notebook is missing)")

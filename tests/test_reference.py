@@ -96,3 +96,15 @@ def test_publish_refuses_the_published_folder_itself(folders):
     ref, _ = folders
     with pytest.raises(ValueError, match="already the published folder"):
         publish.publish_sweep(ref, report=False, out=io.StringIO())
+
+
+def test_publish_leaves_out_an_interrupted_run(folders):
+    # a run cut off by Ctrl-C or a timeout is recorded `unfinished`: the sweep redoes it, so it is no reference
+    ref, mine = folders
+    shutil.rmtree(ref)
+    [cut] = list(mine.glob("runs/*-none-r8-*.json"))
+    _edit(cut, lambda r: r.update(status="unfinished", error="interrupted (Ctrl-C) at step 182/200"))
+    out = io.StringIO()
+    publish.publish_sweep(mine, report=False, out=out)
+    assert not (ref / "runs" / cut.name).exists() and len(list(ref.glob("runs/*.json"))) == 3
+    assert f"not published: {cut.stem} (status unfinished" in out.getvalue()
