@@ -33,7 +33,9 @@ T = batch_size x seq_len tokens):
     reserve        torch's caching allocator holds more than it has allocated: a share of one layer's
                    intermediate tensors (RESERVE_TRANSIENT) and of the kept activations (RESERVE_KEPT);
                    evaluation runs first on an empty cache and training reuses its blocks, but with eval_every
-                   the evaluations' blocks are cached beside training's. Under an allocator cap (or on a full
+                   the evaluations' blocks are cached beside training's. An uncapped allocator also keeps what
+                   a moment's allocations cannot reuse: at the loss, the 16-bit logits' segment (freed before
+                   backward makes its fp32 buffers, which are twice its size). Under an allocator cap (or on a full
                    card) the allocator frees its cache before it fails: a run fails when a moment's allocated
                    memory plus CAP_HEADROOM (the loss) or CAP_HEADROOM_LAYER (the others) times its transient
                    tensors exceeds the cap.
@@ -309,9 +311,13 @@ def predict(cfg: dict, config: dict | None = None, evaluation: bool = True) -> d
     if c["fused_kernels"]:  # Liger's fused linear cross-entropy: grad of the input, then chunks of the logits
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(T / max(1, math.ceil(V / h))))))
         head = T * h * 4 + min(chunk, T) * V * (compute + 4 + 4)
+        logits_segment = 0
     else:
         tokens = math.ceil(T / c["chunked_loss"]) if c["chunked_loss"] else T
         head = tokens * V * LOGITS_BYTES + (V * h * compute if upcast and compute != 4 else 0)
+        # the 16-bit logits' own segment: freed before backward's fp32 buffers are made, which cannot reuse it
+        # (they are twice its size), so an uncapped allocator keeps it cached beside them
+        logits_segment = tokens * V * compute
     grads_live = grads if c["grad_accum"] > 1 else 0  # accumulated across micro-batches; else made in backward
 
     static = weights + lora + state_in_torch + workspace + grads_live
@@ -347,8 +353,12 @@ def predict(cfg: dict, config: dict | None = None, evaluation: bool = True) -> d
     # allocated memory plus the fragmentation its transient tensors leave
     need_capped = static + max(k + t * (1 + (CAP_HEADROOM if m == "loss" else CAP_HEADROOM_LAYER))
                                for m, (k, t) in moments.items())
-    # uncapped, the allocator never gives its cache back: it holds at least what a cap would have had to allow
-    reserved = max(reserved, need_capped)
+    # uncapped, the allocator never gives its cache back: it holds at least every moment's allocated memory plus
+    # what that moment's sequence of allocations cannot reuse (the loss: its 16-bit logits' segment; the others:
+    # the layer share). Before the pre-registered check this floor was need_capped itself (CAP_HEADROOM, fitted
+    # on 32k-49k vocabularies), which over-predicted 128k-152k vocabularies by up to 25% (reports/results.md)
+    reserved = max(reserved, static + max(k + t + (logits_segment if m == "loss" else t * CAP_HEADROOM_LAYER)
+                                          for m, (k, t) in moments.items()))
     fits = True
     if budget:
         fits = need_capped <= budget
@@ -728,9 +738,18 @@ def preregistration_rows(configs: list[dict]) -> list[dict]:
     return rows
 
 
+# What changed in the predictor after the pre-registered check was measured (reported beside it, never hidden)
+PREDICTOR_CHANGES = (
+    "after the check: the uncapped reserve floor is each moment's allocated memory plus what its allocations cannot "
+    "reuse (the loss: its 16-bit logits' segment), no longer the capped requirement with CAP_HEADROOM (fitted on "
+    "32k-49k vocabularies, it over-predicted 128k-152k ones by up to 25%); tools/fit_constants.py, run again on "
+    "the fitted runs only, lands on the same constants (the check's runs are never used)")
+
+
 def preregistered_vs_measured(path: str | Path = PREREGISTERED, reports: str | Path = "reports") -> list[dict]:
     """The committed predictions beside what was measured (reports/fit-check/runs/<run_id>.json), row by row;
-    measured fields are None for runs not measured yet. Uses the predictions as committed, not today's."""
+    measured fields are None for runs not measured yet. predicted_*: the predictions as committed; now_*: today's
+    predictor on the same configuration (it changed after the check: see PREDICTOR_CHANGES)."""
     import csv
 
     measured = {r["id"]: r for r in measured_runs(reports) if r["source"].startswith("fit-check")}
@@ -743,8 +762,14 @@ def preregistered_vs_measured(path: str | Path = PREREGISTERED, reports: str | P
             val = m[f"{key}_gib"] if m and m["status"] == "ok" else None
             rec[f"measured_{key}_gib"] = val
             rec[f"error_{key}"] = pred / val - 1 if val else None
+            if m:
+                now = predict(m["cfg"])
+                rec[f"now_{key}_gib"] = now[f"peak_{key}_gib"]
+                rec[f"now_error_{key}"] = now[f"peak_{key}_gib"] / val - 1 if val else None
+                rec["now_status"] = "ok" if now["fits_budget"] else "oom"
         budgeted = float(row["vram_budget_gib"]) > 0
         rec["status_right"] = (row["predicted_status"] == m["status"]) if (m and budgeted) else None
+        rec["now_status_right"] = (rec["now_status"] == m["status"]) if (m and budgeted) else None
         out.append(rec)
     return out
 

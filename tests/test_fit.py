@@ -231,3 +231,24 @@ def test_notebook_builds_its_controls_in_a_kernel(tmp_path):
     assert "application/vnd.jupyter.widget-view+json" in mimes
     state = json.dumps(nb.metadata.get("widgets", {}))
     assert "llama-3.1-8b-shape" in state and "card GiB" in state  # the controls, saved with the notebook
+
+
+def test_cap_headroom_decides_only_capped_runs(monkeypatch):
+    # after the pre-registered check: an uncapped allocator's reserve is derived (what the loss's allocations cannot
+    # reuse: the 16-bit logits' segment), so the fitted headroom under a cap no longer inflates uncapped peaks
+    cfg = dict(model="qwen2.5-7b-shape", batch_size=2, seq_len=4096, lora_r=16, eval_blocks=1)
+    before = fit.predict(cfg)
+    capped = fit.predict({**cfg, "vram_budget_gib": 28.0})
+    monkeypatch.setattr(fit, "CAP_HEADROOM", fit.CAP_HEADROOM + 0.5)
+    assert fit.predict(cfg)["peak_reserved_gib"] == before["peak_reserved_gib"]
+    assert fit.predict({**cfg, "vram_budget_gib": 28.0})["needs_under_cap_gib"] > capped["needs_under_cap_gib"] + 1
+    logits_segment = 2 * 4096 * 152064 * 2 / fit.GIB  # tokens x vocab x bf16
+    assert before["peak_reserved_gib"] - before["peak_allocated_gib"] >= logits_segment
+
+
+def test_the_comparison_reports_the_committed_and_todays_predictions():
+    rows = [r for r in fit.preregistered_vs_measured() if r["measured_status"] == "ok"]
+    assert len(rows) >= 12
+    for r in rows:  # the committed figure is kept as committed, today's is computed beside it
+        assert r["error_process"] == pytest.approx(float(r["predicted_process_gib"]) / r["measured_process_gib"] - 1)
+        assert "now_error_process" in r and r["now_status"] in ("ok", "oom")

@@ -44,16 +44,20 @@ def compare(path: Path) -> None:
     for r in rows:
         got = r["measured_process_gib"]
         got = "" if got is None else f"{got:6.2f} GiB"
+        now = "" if r["measured_status"] is None else f"  today {r['now_status']:3} {pct(r['now_error_process'])}"
         print(f"{r['run_id'][:58]:58} predicted {r['predicted_status']:3} {float(r['predicted_process_gib']):6.2f} GiB"
-              f"  measured {r['measured_status'] or 'not run':7} {got}  error {pct(r['error_process'])}")
-    errs = [abs(r["error_process"]) for r in rows if r["error_process"] is not None]
-    right = [r["status_right"] for r in rows if r["status_right"] is not None]
-    if errs:
-        print(f"whole-process peak: median |error| {statistics.median(errs) * 100:.1f}%, largest "
-              f"{max(errs) * 100:.1f}% over {len(errs)} finished runs (bars: 5% and 15%)")
-    if right:
-        print(f"ok/OOM right for {sum(right)}/{len(right)} budgeted runs (bar: 95%)")
-    if not errs and not right:
+              f"  measured {r['measured_status'] or 'not run':7} {got}  error {pct(r['error_process'])}{now}")
+    for who, pre in (("as pre-registered", ""), ("today's predictor", "now_")):
+        errs = [abs(r[f"{pre}error_process"]) for r in rows if r.get(f"{pre}error_process") is not None]
+        right = [r[f"{pre}status_right"] for r in rows if r.get(f"{pre}status_right") is not None]
+        if errs:
+            print(f"{who}: whole-process peak median |error| {statistics.median(errs) * 100:.1f}%, largest "
+                  f"{max(errs) * 100:.1f}% over {len(errs)} finished runs (bars: 5% and 15%)")
+        if right:
+            print(f"{who}: ok/OOM right for {sum(right)}/{len(right)} budgeted runs (bar: 95%)")
+    if any(r["measured_status"] for r in rows):
+        print(f"today's predictor changed {fit.PREDICTOR_CHANGES}")
+    else:
         print("nothing measured yet: run parameters/fit-check.yaml on a GPU first")
 
 
