@@ -47,6 +47,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import cluster
 from .kernels import kernel_manager_class
 from .paths import LOCAL_REPORTS, PROJECT_ROOT
 
@@ -686,6 +687,27 @@ def _run_side_by_side(sweep, configs, todo, states, show, slots, out, t0) -> Non
     pool.shutdown(wait=True)
 
 
+def _run_on_cluster(sweep, configs, todo, states, show, address, out, t0) -> None:
+    """Run `todo` on a Ray cluster (helpers/cluster.py); print each outcome with its node, i/N and time left."""
+    index = {c["run_id"]: i for i, c in enumerate(configs, 1)}
+    for c in configs:
+        if c not in todo:
+            print(f"[{index[c['run_id']]}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]})", file=out, flush=True)
+    if not todo:
+        return
+    done = 0
+
+    def outcome(c, status, where):
+        nonlocal done
+        states[c["run_id"]], done = status, done + 1
+        elapsed = time.perf_counter() - t0
+        left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
+        print(f"[{index[c['run_id']]}/{len(configs)}] {status} {c['run_id']}{where} {_label(c, show)} "
+              f"({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
+
+    cluster.run_on_ray(sweep, todo, address, execute, _record, outcome, out, SIDE_BY_SIDE_ENV)
+
+
 class SweepFault(RuntimeError):
     """The sweep stopped early: a file could not be written (full disk, no permission). Runs done are kept."""
 
@@ -770,9 +792,7 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
                       "time/throughput/energy/device memory are shared figures, not one run's", file=out, flush=True)
             slots = [d for _ in range(jobs) for d in (gpus or [None])]  # GPUs interleaved: the first runs spread out
             if cluster is not None:
-                from .cluster import run_on_ray
-
-                run_on_ray(sweep, configs, todo, states, show, cluster, out, t0)
+                _run_on_cluster(sweep, configs, todo, states, show, cluster, out, t0)
             elif len(slots) > 1:
                 _run_side_by_side(sweep, configs, todo, states, show, slots, out, t0)
             else:

@@ -18,7 +18,8 @@ from helpers.sidecars import read_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Records the pinning its kernel got, and when it ran; fails on the GPU named by FAKE_BROKEN_GPU (a broken card);
+# Records the pinning its kernel got, and when it ran; fails with lora_r 13, and on the GPU named by FAKE_BROKEN_GPU
+# (a broken card);
 # with FAKE_STARTED_DIR, leaves a file there once running (the Ctrl-C test waits for them).
 FAKE_RUN = '''
 import json, os, time
@@ -27,7 +28,9 @@ from helpers.sidecars import write_sidecar
 t0 = time.time()
 if os.environ.get("FAKE_STARTED_DIR"):
     Path(os.environ["FAKE_STARTED_DIR"], run_id).touch()
-if os.environ.get("CUDA_VISIBLE_DEVICES") == os.environ.get("FAKE_BROKEN_GPU"):
+if lora_r == 13:
+    raise RuntimeError("a fake failing run")
+if os.environ.get("FAKE_BROKEN_GPU") and os.environ.get("CUDA_VISIBLE_DEVICES") == os.environ["FAKE_BROKEN_GPU"]:
     raise RuntimeError("CUDA error: an illegal memory access was encountered (a fake broken GPU)")
 time.sleep(float(os.environ.get("FAKE_RUN_S", "1")))
 config = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
@@ -39,16 +42,19 @@ write_sidecar(Path(output_dir) / f"{run_id}.json", {"run_id": run_id, "status": 
 '''
 
 
-@pytest.fixture
-def fake_notebook(tmp_path):
-    """The training notebook's parameters cell (the sweep checks parameters against it) and FAKE_RUN."""
+def write_fake_notebook(path, before: str = "") -> Path:
+    """The training notebook's parameters cell (the sweep checks parameters against it), then `before` + FAKE_RUN."""
     train = nbformat.read(str(ROOT / "notebooks" / "01_train.ipynb"), as_version=4)
     params = next(c for c in train.cells if "parameters" in c.metadata.get("tags", []))
-    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(FAKE_RUN)])
+    nb = nbformat.v4.new_notebook(cells=[params, nbformat.v4.new_code_cell(before + FAKE_RUN)])
     nb.metadata = train.metadata
-    path = tmp_path / "fake_train.ipynb"
     nbformat.write(nb, str(path))
     return path
+
+
+@pytest.fixture
+def fake_notebook(tmp_path):
+    return write_fake_notebook(tmp_path / "fake_train.ipynb")
 
 
 def fake_sweep(tmp_path, notebook, ranks, **base):
