@@ -133,7 +133,9 @@ def run_on_ray(sweep: dict, todo: list[dict], address: str, execute, record, out
                             retry_exceptions=False).remote(execute, shipped, c): c for c in todo}
     try:
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready = []
+            while not ready:  # a wait without a timeout blocks in Ray's C++ core, where Ctrl-C does not reach it
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             c = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])

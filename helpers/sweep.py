@@ -705,7 +705,10 @@ def _run_on_cluster(sweep, configs, todo, states, show, address, out, t0) -> Non
         print(f"[{index[c['run_id']]}/{len(configs)}] {status} {c['run_id']}{where} {_label(c, show)} "
               f"({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
 
-    cluster.run_on_ray(sweep, todo, address, execute, _record, outcome, out, SIDE_BY_SIDE_ENV)
+    # Ray sends execute to the nodes by its module's name: helpers.sweep's, also when this file runs as __main__
+    from . import sweep as runner
+
+    cluster.run_on_ray(sweep, todo, address, runner.execute, _record, outcome, out, SIDE_BY_SIDE_ENV)
 
 
 class SweepFault(RuntimeError):
