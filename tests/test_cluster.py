@@ -17,6 +17,10 @@ from tests.test_devices import write_fake_notebook  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# every test but the refusal starts Ray and executes notebooks: minutes on 2 cores
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def local_cluster():
     """The cluster helpers.sweep --cluster local starts (connect), kept for this module's tests."""
@@ -80,7 +84,6 @@ def test_no_jobs_or_devices_with_a_cluster(tmp_path):
         sweep.run_sweep(path, dry_run=True, reports_root=tmp_path, cluster="local", jobs=2)
 
 
-@pytest.mark.slow
 def test_a_real_training_run_of_the_tiny_model_comes_back_whole(tmp_path, tiny_model_dir, local_cluster):
     from tests.test_sweep import tiny_sweep
 

@@ -133,6 +133,7 @@ def _runs(folder):
     return {r["config"]["lora_r"]: r for r in read_all(folder / "fake" / "runs")}
 
 
+@pytest.mark.slow  # fresh kernels (seconds each)
 def test_one_run_per_gpu_every_gpu_busy(tmp_path, fake_notebook, two_fake_gpus):
     from helpers import analysis
 
@@ -162,6 +163,7 @@ def test_one_run_per_gpu_every_gpu_busy(tmp_path, fake_notebook, two_fake_gpus):
     assert text.count(" on GPU 0") >= 2 and text.count(" on GPU 1") >= 2
 
 
+@pytest.mark.slow  # fresh kernels (seconds each)
 def test_jobs_per_gpu_share_each_gpu_and_say_so(tmp_path, fake_notebook, two_fake_gpus):
     path = fake_sweep(tmp_path, fake_notebook, [2, 3, 4, 5])
     states = sweep.run_sweep(path, report=False, reports_root=tmp_path, jobs=2, devices="0", out=open(os.devnull, "w"))
@@ -171,6 +173,7 @@ def test_jobs_per_gpu_share_each_gpu_and_say_so(tmp_path, fake_notebook, two_fak
     assert {rec["environment"]["side_by_side"] for rec in runs.values()} == {2}
 
 
+@pytest.mark.slow  # fresh kernels (seconds each)
 def test_a_broken_gpu_fails_its_runs_the_others_go_on_and_a_rerun_redoes_only_those(tmp_path, fake_notebook,
                                                                                     two_fake_gpus, monkeypatch):
     monkeypatch.setenv("FAKE_BROKEN_GPU", "1")
@@ -192,6 +195,7 @@ def test_a_broken_gpu_fails_its_runs_the_others_go_on_and_a_rerun_redoes_only_th
     assert text.count(" skip ") == 4 - len(failed) and f"{len(failed)} to run" in text
 
 
+@pytest.mark.slow  # fresh kernels (seconds each)
 def test_ctrl_c_stops_the_runs_on_every_gpu_each_recorded_unfinished(tmp_path, fake_notebook):
     started = tmp_path / "started"
     started.mkdir()
