@@ -525,6 +525,14 @@ def visible_gpus() -> list[str]:
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # pynvml raises NVMLError_LibraryNotFound / _DriverNotLoaded where there is no GPU
+        pass
+    try:  # the driver without nvidia-ml-py: nvidia-smi numbers GPUs as NVML does
+        import subprocess
+
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=30)
+        return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()] if listed.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError):
         return []
 
 
