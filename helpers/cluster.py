@@ -124,6 +124,8 @@ def run_on_ray(sweep: dict, todo: list[dict], address: str, execute, record, out
     shipped = {k: v for k, v in sweep.items() if k != "folder"}
     shipped["notebook"] = str(notebook.relative_to(PROJECT_ROOT)) if notebook.is_relative_to(PROJECT_ROOT) else str(notebook)
     shipped["env"] = {side_by_side_env: str(side_by_side)}
+    if gpu:  # Ray pins a task with CUDA_VISIBLE_DEVICES by index: NVML's (the sidecar's gpu_uuid), as sweep --devices does
+        shipped["env"]["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     task = ray.remote(execute_remote)
     print(f"Ray cluster: {int(resources.get('CPU', 0))} CPUs, {int(resources.get('GPU', 0))} GPUs; "
           + ("one run per GPU (num_gpus of one node for an FSDP run)" if gpu else
