@@ -22,13 +22,14 @@ with none, a sweep whose runs say device: cpu, or --devices none runs as before:
 run has its GPU to itself, so its costs are its own (side_by_side 1); the analysis still takes cost ratios only
 between runs of one GPU (machine = host, boot, GPU UUID), so a lever sweep whose ratios matter runs on one device.
 A broken GPU fails each run the queue gives it: those are errors, redone by the next sweep (leave it out with
---devices). Runs across machines: --cluster (helpers/cluster.py, Ray).
+--devices). Runs with num_gpus > 1 (FSDP) take several GPUs each: without --devices they run one at a time, every
+GPU visible to them; --devices refuses them. Runs across machines: --cluster (helpers/cluster.py, Ray).
 
---jobs N runs N configurations side by side (one kernel each) on the same device (with --devices: N per GPU). That is for quality
-sweeps of small models: perplexity stays valid, but time, throughput, energy and device memory are then
-shared by N processes and are not figures of one run. Every sidecar records side_by_side (its N), and the
-analysis says so beside every cost chart of such a sweep. Each kernel gets cores // N CPU threads
-(OMP_NUM_THREADS, unless already set), recorded as cpu_threads.
+--jobs N runs N configurations side by side (one kernel each) on the same device (with --devices: N per GPU). That
+is for quality sweeps of small models: perplexity stays valid, but time, throughput, energy and device memory are
+then shared by N processes and are not figures of one run. Every sidecar records side_by_side (its N), and the
+analysis says so beside every cost chart of such a sweep. Each kernel gets cores // N CPU threads (with --devices:
+cores // (GPUs x N); OMP_NUM_THREADS, unless already set), recorded as cpu_threads.
 """
 import argparse
 import ast
