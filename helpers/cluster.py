@@ -106,7 +106,7 @@ def connect(address: str):
         return ray
     env = {"working_dir": str(PROJECT_ROOT), "excludes": EXCLUDES}
     ray.init(address=None if address == "local" else address, runtime_env=env, log_to_driver=False,
-             include_dashboard=False if address == "local" else None)
+             include_dashboard=False if address == "local" else None, logging_level="WARNING")  # the sweep's lines
     return ray
 
 
