@@ -790,3 +790,36 @@ def build_report(out_dir: str | Path = "reports/fit") -> Path:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- several GPUs: FSDP (the training notebook's num_gpus and fsdp_cpu_offload) --------------------------------
+
+SHARDED = ("weights_gib", "adapters_gib", "adapter_grads_gib", "optimizer_state_gib")  # what FSDP splits N ways
+FSDP_GATHERED_LAYERS = 2  # decoder layers FSDP holds whole at once: the one it computes and the one it prefetches
+
+
+def predict_per_gpu(cfg: dict, num_gpus: int = 1, cpu_offload: bool = False, config: dict | None = None) -> dict:
+    """predict() for each of `num_gpus` GPUs of an FSDP run (FULL_SHARD, one process per GPU, the same micro-batch
+    on each), in GiB: the sharded terms (base weights, adapters, their gradients, optimizer state) divided by
+    num_gpus, or moved to host memory with cpu_offload (FSDP's offload_params; host_offload_gib says how much),
+    plus FSDP_GATHERED_LAYERS decoder layers' weights gathered whole; activations, the loss's logits, the
+    evaluation and the memory outside torch are each process's own, not sharded. num_gpus 1 without offload is
+    predict() itself. A prediction extended from the single-GPU model: FSDP's communication buffers and
+    allocator behaviour are not modelled, and no multi-GPU run has checked it yet."""
+    if not isinstance(num_gpus, int) or isinstance(num_gpus, bool) or num_gpus < 1:
+        raise ValueError(f"num_gpus={num_gpus!r} is not allowed: a whole number >= 1")
+    config = config if config is not None else read_config({**DEFAULTS, **cfg}["model"])
+    p = predict(cfg, config)
+    out = {**p, "num_gpus": num_gpus, "host_offload_gib": 0.0}
+    if num_gpus == 1 and not cpu_offload:
+        return out
+    sharded = sum(p[k] for k in SHARDED)
+    kept = 0.0 if cpu_offload else sharded / num_gpus
+    gathered = FSDP_GATHERED_LAYERS * p["weights_gib"] / shape(config)["layers"]
+    change = kept + gathered - sharded
+    for k in ("peak_allocated_gib", "peak_reserved_gib", "peak_process_gib", "needs_under_cap_gib", "needs_on_card_gib"):
+        out[k] = p[k] + change
+    out["host_offload_gib"] = sharded / num_gpus if cpu_offload else 0.0
+    budget = {**DEFAULTS, **cfg}["vram_budget_gib"]
+    out["fits_budget"] = not budget or out["needs_under_cap_gib"] <= budget
+    return out

@@ -20,7 +20,9 @@ from .train import BNB_OPTIMIZERS, OPTIMIZERS
 
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")
-OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast")  # added after the first runs were recorded: in the id only when on
+OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast", "fsdp_cpu_offload")  # added after the first runs were recorded:
+# in the id only when on; likewise num_gpus only when not 1 (DEFAULT_NOT_IN_ID)
+DEFAULT_NOT_IN_ID = {"num_gpus": 1}
 
 
 def resolve_device(device: str) -> str:
@@ -176,7 +178,8 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
 def run_id(config: dict) -> str:
     """Readable and derived from the parameters: the same config always gets the same id."""
     # a parameter added later is not in the id while it is off, so runs recorded before it existed keep their ids
-    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in OFF_NOT_IN_ID and not v)}
+    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in OFF_NOT_IN_ID and not v)
+           and not (k in DEFAULT_NOT_IN_ID and v == DEFAULT_NOT_IN_ID[k])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(str(config["model"])).name.replace("/", "_")
     return f"{name}-{config['quant']}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"
@@ -197,6 +200,7 @@ def environment(device: str) -> dict:
     env["device"] = device
     # runs sharing the device (helpers.sweep --jobs): 1 means this run had it alone
     env["side_by_side"] = int(os.environ.get("QLORA_STUDY_SIDE_BY_SIDE", "1"))
+    env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPU helpers.sweep --devices pinned
     env["cpu_threads"] = torch.get_num_threads()  # torch's intra-op threads (sweep --jobs N shares the cores)
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name()
@@ -242,7 +246,7 @@ def machine(device: str) -> dict:
         boot_id = None
     cpu_model, cpu_flags = _cpu_info()
     out = {"host": platform.node(), "boot_id": boot_id, "cpu_model": cpu_model, "cpu_flags": cpu_flags,
-           "gpu_uuid": None}
+           "gpu_uuid": None, "gpu_index": None}
     if str(device).startswith("cuda"):
         from .telemetry import Nvml
 
@@ -251,6 +255,7 @@ def machine(device: str) -> dict:
             try:
                 uuid = nvml.nvml.nvmlDeviceGetUUID(nvml.handle)
                 out["gpu_uuid"] = uuid.decode() if isinstance(uuid, bytes) else uuid
+                out["gpu_index"] = nvml.nvml.nvmlDeviceGetIndex(nvml.handle)  # NVML's (PCI bus order), as nvidia-smi
             except Exception:
                 pass
     return out

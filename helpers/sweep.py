@@ -1,6 +1,7 @@
 """Run a sweep: a grid of configurations, each executed as the training notebook by papermill.
 
     python -m helpers.sweep parameters/default.yaml [--dry-run] [--force] [--no-report] [--jobs N]
+                            [--devices 0,1,...|none] [--cluster local|ADDRESS]
 
 Every configuration runs in a fresh kernel (clean memory figures) into
 reports/local/<name>/runs/<run_id>.ipynb (this machine's runs; git ignores reports/local/); the notebook writes
@@ -13,15 +14,27 @@ Exit status: 0 every run ok or oom; 1 a run ended in error (or the report failed
 anything ran; 3 stopped because a file could not be written (disk full, no permission); 130 Ctrl-C
 (the run in progress is recorded as unfinished, summary.csv is written).
 
---jobs N runs N configurations side by side (one kernel each) on the same device. That is for quality
-sweeps of small models: perplexity stays valid, but time, throughput, energy and device memory are then
-shared by N processes and are not figures of one run. Every sidecar records side_by_side (its N), and the
-analysis says so beside every cost chart of such a sweep. Each kernel gets cores // N CPU threads
-(OMP_NUM_THREADS, unless already set), recorded as cpu_threads.
+--devices 0,1,... runs one configuration per GPU at a time, every GPU busy: a queue hands the next configuration to
+the first device that is free, each kernel pinned to its GPU with CUDA_VISIBLE_DEVICES=<index> (and
+CUDA_DEVICE_ORDER=PCI_BUS_ID, so CUDA's index is NVML's and the sidecar's gpu_uuid is the pinned GPU's). The default
+is every GPU this machine shows (CUDA_VISIBLE_DEVICES if set, else NVML's list; torch is not imported); a machine
+with none, a sweep whose runs say device: cpu, or --devices none runs as before: one run at a time, unpinned. Each
+run has its GPU to itself, so its costs are its own (side_by_side 1); the analysis still takes cost ratios only
+between runs of one GPU (machine = host, boot, GPU UUID), so a lever sweep whose ratios matter runs on one device.
+A broken GPU fails each run the queue gives it: those are errors, redone by the next sweep (leave it out with
+--devices). Runs with num_gpus > 1 (FSDP) take several GPUs each: without --devices they run one at a time, every
+GPU visible to them; --devices refuses them. Runs across machines: --cluster (helpers/cluster.py, Ray).
+
+--jobs N runs N configurations side by side (one kernel each) on the same device (with --devices: N per GPU). That
+is for quality sweeps of small models: perplexity stays valid, but time, throughput, energy and device memory are
+then shared by N processes and are not figures of one run. Every sidecar records side_by_side (its N), and the
+analysis says so beside every cost chart of such a sweep. Each kernel gets cores // N CPU threads (with --devices:
+cores // (GPUs x N); OMP_NUM_THREADS, unless already set), recorded as cpu_threads.
 """
 import argparse
 import ast
 import concurrent.futures
+import contextlib
 import errno
 import functools
 import itertools
@@ -35,6 +48,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import cluster
 from .kernels import kernel_manager_class
 from .paths import LOCAL_REPORTS, PROJECT_ROOT
 
@@ -463,23 +477,148 @@ def _stop_worker(signum, frame):
     sys.exit(0)
 
 
-def _side_by_side_worker(jobs: int) -> None:
+def _side_by_side_worker(jobs: int, workers: int) -> None:
     os.environ[SIDE_BY_SIDE_ENV] = str(jobs)  # the kernels papermill starts inherit it
     # Each kernel would otherwise start one CPU thread per core: N kernels x all cores threads on one machine.
     # Share the cores out as torchrun does for several processes a node (a value the user set is kept).
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     # Ctrl-C at a terminal reaches the whole process group: the parent alone handles it and stops the workers
     # with SIGTERM, so each records its run as unfinished and none dies with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_worker)
 
 
-def _execute_in_worker(sweep: dict, cfg: dict) -> str:
+def _execute_in_worker(sweep: dict, cfg: dict, device: str | None) -> str:
     _IN_RUN.set()
     try:
-        return execute(sweep, cfg)
+        with pinned(device):
+            return execute(sweep, cfg)
     finally:
         _IN_RUN.clear()
+
+
+# --- devices: one run per GPU ----------------------------------------------------------------------------------
+
+def _cuda_visible_entries(value: str) -> list[str]:
+    """CUDA_VISIBLE_DEVICES as CUDA reads it: indices or GPU-/MIG- UUIDs, up to the first entry that is neither
+    (CUDA ignores the rest; "-1" or "" means no device)."""
+    out = []
+    for entry in (e.strip() for e in value.split(",")):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        out.append(entry)
+    return out
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may give runs, as CUDA_VISIBLE_DEVICES entries, without importing torch (a CUDA
+    context in the runner would hold memory on every GPU): CUDA_VISIBLE_DEVICES where it is set, else every GPU
+    NVML lists, by index (NVML numbers GPUs in PCI bus order, as CUDA does under CUDA_DEVICE_ORDER=PCI_BUS_ID).
+    [] where there is none (no driver, no GPU)."""
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        return _cuda_visible_entries(os.environ["CUDA_VISIBLE_DEVICES"])
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # pynvml raises NVMLError_LibraryNotFound / _DriverNotLoaded where there is no GPU
+        pass
+    try:  # the driver without nvidia-ml-py: nvidia-smi numbers GPUs as NVML does
+        import subprocess
+
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=30)
+        return [line.strip() for line in listed.stdout.splitlines() if line.strip().isdigit()] if listed.returncode == 0 else []
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+@contextlib.contextmanager
+def pinned(device: str | None):
+    """The kernels started inside see only `device` (a CUDA_VISIBLE_DEVICES entry; None: no change). CUDA's
+    default order is fastest first; PCI_BUS_ID makes index i the same GPU for CUDA, NVML and nvidia-smi."""
+    if device is None:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}
+    os.environ.update(CUDA_VISIBLE_DEVICES=device, CUDA_DEVICE_ORDER="PCI_BUS_ID")
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def choose_devices(devices, configs: list[dict]) -> list[str] | None:
+    """The GPUs the runs go to, one run per GPU at a time; None: one run at a time, unpinned, as on a CPU.
+
+    devices: None (every visible GPU, where the runs can use one), "none", or a list / comma-separated string of
+    CUDA_VISIBLE_DEVICES entries, each of which must be visible here. SweepError names a bad one."""
+    wanted = {c["device"] for c in configs}
+    gpu_runs = wanted <= {"auto", "cuda", "cuda:0"}  # a pinned kernel sees its GPU as cuda:0
+    several = sorted({c.get("num_gpus", 1) for c in configs} - {1})  # FSDP runs: each takes num_gpus GPUs
+    if devices is None:
+        found = visible_gpus()
+        return found if found and gpu_runs and not several else None
+    if isinstance(devices, str):
+        if devices.strip().lower() == "none":
+            return None
+        devices = [d for d in devices.split(",") if d.strip()]
+    devices = [str(d).strip() for d in devices]
+    if not devices:
+        raise SweepError("--devices is empty: give GPU indices such as 0,1 (or none: one run at a time, unpinned)")
+    if len(set(devices)) != len(devices):
+        raise SweepError(f"--devices {','.join(devices)} names a GPU twice; to run several runs on one GPU use --jobs N")
+    found = visible_gpus()
+    unknown = [d for d in devices if d not in found]
+    if unknown:
+        where = f"this machine's GPUs are {','.join(found)}" if found else "this machine shows no GPU (NVML finds none)"
+        raise SweepError(f"--devices: {','.join(unknown)} not found; {where}"
+                         + (" (CUDA_VISIBLE_DEVICES limits them)" if "CUDA_VISIBLE_DEVICES" in os.environ else ""))
+    if several:
+        raise SweepError(f"this sweep has runs with num_gpus {several}: each takes that many GPUs, and --devices gives "
+                         "a run one GPU; leave --devices out (one run at a time, every GPU visible to it) or use "
+                         "--cluster (each run asks for num_gpus GPUs of one node)")
+    if not gpu_runs:
+        raise SweepError(f"--devices pins runs to GPUs, but this sweep's runs ask for device {sorted(wanted)}: use "
+                         "device auto or cuda (each pinned kernel sees its GPU as cuda:0), or leave --devices out")
+    return devices
+
+
+PREDICTION_NOTE = ("  pred: the peak GPU memory per GPU that helpers/fit.py predicts (a prediction, not a measurement; "
+                   "what torch's allocator needs, and the CUDA context and libraries beside it): with num_gpus N > 1, FSDP's sharded terms (weights, "
+                   "adapters, their gradients, optimizer state) are divided by N, with fsdp_cpu_offload they are in "
+                   "host memory; activations are not sharded. 'fits' compares the first with vram_budget_gib, an allocator cap.")
+
+
+def per_gpu_predictions(configs: list[dict]) -> list[str]:
+    """'  | pred 14.2 GiB/GPU, fits 24 GiB' for each configuration helpers.fit can predict (a registry model or a
+    local folder, on a GPU), '' for the others (device cpu, a hub id: the dry run reads no network)."""
+    from . import fit, registry
+
+    out = []
+    for c in configs:
+        model = str(c.get("model"))
+        known = model in registry.SYNTHETIC or model in registry.EMBEDDED or Path(model).expanduser().is_dir()
+        if c.get("device") == "cpu" or not known:
+            out.append("")
+            continue
+        try:
+            p = fit.predict_per_gpu({k: c[k] for k in fit.DEFAULTS if k in c}, c.get("num_gpus", 1),
+                                    bool(c.get("fsdp_cpu_offload", False)))
+        except (ValueError, OSError) as e:  # a setting or shape the predictor does not know
+            out.append(f"  | no prediction ({str(e)[:80]})")
+            continue
+        fits = f", {'fits' if p['fits_budget'] else 'over'} {c['vram_budget_gib']:g} GiB" if c.get("vram_budget_gib") else ""
+        out.append(f"  | pred {p['needs_under_cap_gib']:.1f} GiB/GPU + {p['outside_torch_gib']:.1f} outside torch{fits}")
+    return out
 
 
 def _label(c: dict, show: list) -> str:
@@ -507,33 +646,45 @@ def _run_one_at_a_time(sweep, configs, todo, states, show, out, t0) -> None:
         print(f"    -> {states[c['run_id']]} in {_fmt(time.perf_counter() - t)}", file=out, flush=True)
 
 
-def _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0) -> None:
-    """Run `todo` in `jobs` worker processes; print each outcome as it comes, with i/N and time left."""
+def _run_side_by_side(sweep, configs, todo, states, show, slots, out, t0) -> None:
+    """Run `todo` in one worker process per slot, feeding each configuration to the first free slot; print each
+    start (with its device) and each outcome, with i/N and time left. A slot is a device (a CUDA_VISIBLE_DEVICES
+    entry; None: unpinned) that one run holds at a time; --jobs N gives a device N slots."""
     index = {c["run_id"]: i for i, c in enumerate(configs, 1)}
     for c in configs:
         if c not in todo:
             print(f"[{index[c['run_id']]}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]})", file=out, flush=True)
+    on = lambda device: f" on GPU {device}" if device is not None else ""  # noqa: E731
     ctx = multiprocessing.get_context("spawn")  # no inherited threads or CUDA state
-    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_side_by_side_worker,
-                                                  initargs=(jobs,))
+    jobs = max(slots.count(d) for d in slots)  # runs that share one device
+    pool = concurrent.futures.ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_side_by_side_worker,
+                                                  initargs=(jobs, len(slots)))
+    queue, free, running = list(todo), list(slots), {}
     try:
-        futures = {pool.submit(_execute_in_worker, sweep, c): c for c in todo}
         done = 0
-        for f in concurrent.futures.as_completed(futures):
-            c = futures[f]
-            try:
-                states[c["run_id"]] = f.result()
-            except OSError as e:
-                if e.errno in STORAGE_ERRNOS:
-                    raise
-                states[c["run_id"]] = _record_failure(c, e)
-            except Exception as e:  # the worker process itself died
-                states[c["run_id"]] = _record_failure(c, e)
-            done += 1
-            elapsed = time.perf_counter() - t0
-            left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
-            print(f"[{index[c['run_id']]}/{len(configs)}] {states[c['run_id']]} {c['run_id']} {_label(c, show)} "
-                  f"({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
+        while queue or running:
+            while queue and free:  # the next configuration to the first free device
+                c, device = queue.pop(0), free.pop(0)
+                running[pool.submit(_execute_in_worker, sweep, c, device)] = (c, device)
+                print(f"[{index[c['run_id']]}/{len(configs)}] run {c['run_id']}{on(device)} {_label(c, show)}",
+                      file=out, flush=True)
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in finished:
+                c, device = running.pop(f)
+                free.append(device)
+                try:
+                    states[c["run_id"]] = f.result()
+                except OSError as e:
+                    if e.errno in STORAGE_ERRNOS:
+                        raise
+                    states[c["run_id"]] = _record_failure(c, e)
+                except Exception as e:  # the worker process itself died
+                    states[c["run_id"]] = _record_failure(c, e)
+                done += 1
+                elapsed = time.perf_counter() - t0
+                left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
+                print(f"[{index[c['run_id']]}/{len(configs)}] {states[c['run_id']]} {c['run_id']}{on(device)} "
+                      f"{_label(c, show)} ({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
     except BaseException:  # Ctrl-C or a full disk: stop the runs in flight, each records itself as unfinished
         for process in list((pool._processes or {}).values()):
             try:
@@ -543,6 +694,30 @@ def _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0) -> None
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+
+
+def _run_on_cluster(sweep, configs, todo, states, show, address, out, t0) -> None:
+    """Run `todo` on a Ray cluster (helpers/cluster.py); print each outcome with its node, i/N and time left."""
+    index = {c["run_id"]: i for i, c in enumerate(configs, 1)}
+    for c in configs:
+        if c not in todo:
+            print(f"[{index[c['run_id']]}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]})", file=out, flush=True)
+    if not todo:
+        return
+    done = 0
+
+    def outcome(c, status, where):
+        nonlocal done
+        states[c["run_id"]], done = status, done + 1
+        elapsed = time.perf_counter() - t0
+        left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
+        print(f"[{index[c['run_id']]}/{len(configs)}] {status} {c['run_id']}{where} {_label(c, show)} "
+              f"({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
+
+    # Ray sends execute to the nodes by its module's name: helpers.sweep's, also when this file runs as __main__
+    from . import sweep as runner
+
+    cluster.run_on_ray(sweep, todo, address, runner.execute, _record, outcome, out, SIDE_BY_SIDE_ENV)
 
 
 class SweepFault(RuntimeError):
@@ -567,10 +742,12 @@ def _summary_best_effort(folder) -> Path | None:
 
 
 def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = True, reports_root=None,
-              out=None, jobs: int = 1) -> dict:
+              out=None, jobs: int = 1, devices=None, cluster: str | None = None) -> dict:
     """Check the sweep file, then run every configuration not yet finished; return {run_id: status}.
 
     jobs > 1 runs that many side by side (see the module docstring for what that does to cost figures).
+    devices: the GPUs, one run each at a time (choose_devices; default every visible GPU, none on a CPU machine).
+    cluster: a Ray cluster's address, or "local" (helpers/cluster.py); the runs' files come back to this machine.
     Ctrl-C: the run in progress is recorded as unfinished, summary.csv is written, "interrupted: N of M runs
     done" is printed and KeyboardInterrupt raised. A write that fails for want of space or permission raises
     SweepFault (one line: what, where, and how many runs are done)."""
@@ -589,15 +766,28 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
             validate(cfg, here=not dry_run, types=types)
         except (ValueError, RuntimeError) as e:  # RuntimeError: bitsandbytes missing for a quantized run
             raise SweepError(f"{path}: run {cfg['run_id']}: {e}") from e
+    if cluster is not None:
+        if jobs > 1 or devices is not None:
+            raise SweepError("--cluster places each run on a free GPU (or CPU) of the cluster itself: leave out "
+                             "--jobs and --devices")
+        gpus = None
+    else:
+        gpus = choose_devices(devices, configs)
     show = varying(configs)
     states = {c["run_id"]: run_state(c) for c in configs}
     todo = [c for c in configs if force or states[c["run_id"]] not in FINISHED]
     print(f"sweep {sweep['name']}: {len(configs)} runs, {len(configs) - len(todo)} finished, {len(todo)} to run "
           f"-> {sweep['folder']}", file=out, flush=True)
+    if gpus:
+        print(f"{len(gpus)} GPU(s) ({','.join(gpus)}): {jobs} run(s) per GPU at a time, each kernel pinned with "
+              "CUDA_VISIBLE_DEVICES" + ("" if jobs > 1 else "; each run's costs are its own"), file=out, flush=True)
     if dry_run:
+        predicted = per_gpu_predictions(configs)
         for i, c in enumerate(configs, 1):
             what = "run" if c in todo else f"skip ({states[c['run_id']]})"
-            print(f"  [{i}/{len(configs)}] {what:10} {c['run_id']}  {_label(c, show)}", file=out)
+            print(f"  [{i}/{len(configs)}] {what:10} {c['run_id']}  {_label(c, show)}{predicted[i - 1]}", file=out)
+        if any(predicted):
+            print(PREDICTION_NOTE, file=out)
         return states
     sweep["folder"].mkdir(parents=True, exist_ok=True)
     lock = FileLock(sweep["folder"] / ".lock")
@@ -610,11 +800,16 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
         t0 = time.perf_counter()
         try:
             if jobs > 1:
-                print(f"{jobs} runs side by side: perplexity is valid, time/throughput/energy/device memory are "
-                      f"shared figures, not one run's", file=out, flush=True)
-                _run_side_by_side(sweep, configs, todo, states, show, jobs, out, t0)
+                print(f"{jobs} runs side by side{' per GPU' if gpus else ''}: perplexity is valid, "
+                      "time/throughput/energy/device memory are shared figures, not one run's", file=out, flush=True)
+            slots = [d for _ in range(jobs) for d in (gpus or [None])]  # GPUs interleaved: the first runs spread out
+            if cluster is not None:
+                _run_on_cluster(sweep, configs, todo, states, show, cluster, out, t0)
+            elif len(slots) > 1:
+                _run_side_by_side(sweep, configs, todo, states, show, slots, out, t0)
             else:
-                _run_one_at_a_time(sweep, configs, todo, states, show, out, t0)
+                with pinned(slots[0]):
+                    _run_one_at_a_time(sweep, configs, todo, states, show, out, t0)
         except KeyboardInterrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the summary short
             try:
@@ -671,12 +866,17 @@ def main(argv=None) -> int:
     ap.add_argument("--reports", default=None, help="reports folder (default: reports/local/, this machine's runs; "
                     "reports/<name>/ is the published reference)")
     ap.add_argument("--jobs", type=int, default=1, help="runs side by side on one device (quality sweeps only: "
-                    "cost figures become shared ones); default 1")
+                    "cost figures become shared ones); default 1; with several GPUs, per GPU")
+    ap.add_argument("--devices", default=None, help="GPUs to use, one run per GPU at a time, e.g. 0,1,2,3 (default: "
+                    "every GPU this machine shows; none: one run at a time, unpinned, as on a CPU)")
+    ap.add_argument("--cluster", default=None, metavar="ADDRESS", help="run on a Ray cluster (pip install "
+                    "'.[cluster]'): local (a cluster of this machine) or the head's address (auto, host:6379, "
+                    "ray://host:10001); each run's files come back here")
     a = ap.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         states = run_sweep(a.sweep_file, dry_run=a.dry_run, force=a.force, report=not a.no_report,
-                           reports_root=a.reports, jobs=a.jobs)
+                           reports_root=a.reports, jobs=a.jobs, devices=a.devices, cluster=a.cluster)
     except (SweepError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_REFUSED

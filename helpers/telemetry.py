@@ -66,10 +66,12 @@ class Nvml:
             pynvml.nvmlInit()
             index = _cuda_index(device)
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if visible:  # NVML numbers all GPUs; torch only the visible ones
-                index = int(visible.split(",")[index])
             self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            # NVML numbers all GPUs (PCI bus order, CUDA's too under CUDA_DEVICE_ORDER=PCI_BUS_ID, as helpers.sweep
+            # pins runs); torch only the visible ones, which CUDA_VISIBLE_DEVICES names by index or UUID
+            entry = visible.split(",")[index].strip() if visible else str(index)
+            self.handle = (pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit()
+                           else pynvml.nvmlDeviceGetHandleByUUID(entry))
         except Exception:
             self.handle = None
 

@@ -85,6 +85,9 @@ device: str = "auto"           # auto | cpu | cuda | cuda:N
 # --- output -------------------------------------------------------------------------------------
 output_dir: str = "reports/scratch/runs"  # the sidecar goes here (relative to the project root)
 run_id: str = ""               # empty: derived from the parameters
+# --- several GPUs (FSDP-QLoRA, issue 19; parameters/multi-gpu.yaml) ------------------------------
+num_gpus: int = 1              # processes, one GPU each, that shard the model with FSDP; 1: no FSDP
+fsdp_cpu_offload: bool = False # FSDP keeps the sharded parameters in host memory, each layer on the GPU only when used
 ''', tags=["parameters"]),
     md("## 1 · Check the configuration\nEvery knob above goes into `config`; a bad value stops here, before anything is loaded or written: "
        "an unknown name, a value of the wrong type (`papermill -p learning_rate abc` gives a str), a number out of range or "
