@@ -16,11 +16,13 @@ from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_nam
 from .levers import LEVERS
 from .levers import config_of as levers_of
 from .levers import problems as lever_problems
+from .peer import problems as stack_problems
 from .train import BNB_OPTIMIZERS, OPTIMIZERS
 
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")
 OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast")  # added after the first runs were recorded: in the id only when on
+DEFAULT_NOT_IN_ID = {"stack": "hf"}  # the same, for a setting whose default is not off: in the id only when not this
 
 
 def resolve_device(device: str) -> str:
@@ -168,6 +170,8 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
     _need(not upcast or c["quant"] == "none", "fp32_upcast", upcast,
           f"False with quant {c['quant']!r}: only the 16-bit arm (quant none) takes it; the QLoRA arms are upcast "
           "already (keep_16bit=True turns that off)")
+    for name, value, allowed in stack_problems(c):  # before the levers': a peer run names every lever it refuses
+        raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
     on_gpu = resolve_device(c["device"]).startswith("cuda") if here else None
     for name, value, allowed in lever_problems({**levers_of(c), "quant": c["quant"]}, on_gpu):
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
@@ -176,10 +180,12 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
 def run_id(config: dict) -> str:
     """Readable and derived from the parameters: the same config always gets the same id."""
     # a parameter added later is not in the id while it is off, so runs recorded before it existed keep their ids
-    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in OFF_NOT_IN_ID and not v)}
+    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in OFF_NOT_IN_ID and not v)
+           and not (k in DEFAULT_NOT_IN_ID and v == DEFAULT_NOT_IN_ID[k])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(str(config["model"])).name.replace("/", "_")
-    return f"{name}-{config['quant']}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"
+    stack = "" if config.get("stack", "hf") == "hf" else f"-{config['stack']}"
+    return f"{name}-{config['quant']}{stack}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"
 
 
 def environment(device: str) -> dict:

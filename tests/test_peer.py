@@ -1,0 +1,140 @@
+"""The training stack switch (helpers/peer.py, notebook parameter `stack`): bad values refused before anything
+runs, the peer refused clearly where it cannot load (a CPU, the package missing) with the sweep going on, and a
+CPU user without the [peer] extra seeing nothing change."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import models, peer, runs, sweep
+from helpers.runs import read_all
+from tests.conftest import base_config
+from tests.test_sweep import tiny_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+TYPES = {k: p["type"] for k, p in sweep.notebook_parameters().items()}
+
+
+def test_the_notebook_takes_stack_hf_by_default():
+    assert sweep.notebook_parameters()["stack"]["default"] == "hf" and peer.STACKS[0] == "hf"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stack": "unsloh"}, "stack='unsloh' is not allowed: use one of ['hf', 'unsloth']"),
+    ({"stack": "unsloth", "quant": "int8"}, "quant='int8' is not allowed: one of ['nf4'] with stack 'unsloth'"),
+    ({"stack": "unsloth", "quant": "none"}, "quant='none' is not allowed: one of ['nf4'] with stack 'unsloth'"),
+    ({"stack": "unsloth", "double_quant": False}, "double_quant=False is not allowed: True with stack 'unsloth'"),
+    ({"stack": "unsloth", "dtype": "float32"}, "dtype='float32' is not allowed: one of ['auto', 'bfloat16']"),
+    ({"stack": "unsloth", "torch_compile": True, "chunked_loss": 4},
+     "torch_compile=True is not allowed: False with stack 'unsloth': our levers (torch_compile, chunked_loss on here)"),
+    ({"stack": "unsloth", "tiled_mlp": 2}, "tiled_mlp=2 is not allowed: 0 with stack 'unsloth'"),
+    ({"stack": "unsloth", "offload_activations": True}, "offload_activations=True is not allowed: False with stack"),
+    ({"stack": "unsloth", "keep_16bit": True}, "keep_16bit=True is not allowed: False with stack 'unsloth'"),
+])
+def test_bad_stack_settings_are_refused_naming_what_is_allowed(change, message):
+    with pytest.raises(ValueError) as e:
+        runs.validate(base_config(**{"quant": "nf4", **change}), types=TYPES)
+    assert message in str(e.value)
+
+
+def test_a_peer_run_validates_on_a_cpu_machine():
+    """Whether Unsloth loads here is the run's result, not a configuration error: the sweep must go on."""
+    runs.validate(base_config(quant="nf4", stack="unsloth", device="cpu"), types=TYPES)
+
+
+def test_the_default_stack_keeps_its_run_ids_and_the_peer_gets_its_own():
+    cfg = base_config()
+    before = {k: v for k, v in cfg.items() if k != "stack"}  # a configuration recorded before the parameter existed
+    assert runs.run_id(cfg) == runs.run_id(before)
+    other = runs.run_id({**cfg, "stack": "unsloth"})
+    assert other != runs.run_id(cfg) and "-nf4-unsloth-r" in other
+
+
+def test_importing_peer_imports_neither_transformers_nor_peft():
+    code = "import sys, helpers.peer; print(sorted(m for m in ('transformers', 'peft', 'unsloth') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.fixture
+def fresh_import_state():
+    saved = dict(peer._IMPORT)
+    peer._IMPORT.clear()
+    yield
+    peer._IMPORT.clear()
+    peer._IMPORT.update(saved)
+
+
+def test_on_a_cpu_the_peer_is_refused_at_load_naming_what_it_needs(fresh_import_state):
+    peer.import_first("unsloth", "cpu")
+    assert "unsloth" not in sys.modules
+    with pytest.raises(RuntimeError, match=r"stack 'unsloth' needs a CUDA GPU and `pip install -e .\[peer\]`: this run "
+                                           r"is on the CPU \(device='cpu'"):
+        peer.load_model("unsloth", "tiny-llama-shape", "nf4", "auto", True, "cpu", 64)
+
+
+def test_without_the_package_the_peer_is_refused_naming_the_extra(fresh_import_state, monkeypatch):
+    monkeypatch.setattr(peer, "_cuda_here", lambda device: True)  # a GPU machine without `pip install -e .[peer]`
+    monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name: None)
+    peer.import_first("unsloth", "cuda")
+    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU and `pip install -e .\[peer\]`: unsloth, unsloth_zoo not "
+                                           "installed here"):
+        peer.attach_lora("unsloth", None, "nf4", 8, 16, 0.0)
+
+
+def test_transformers_imported_first_is_refused(fresh_import_state, monkeypatch):
+    import transformers  # noqa: F401 - as in a kernel that ran an hf run before
+
+    monkeypatch.setattr(peer, "unavailable", lambda device: None)
+    peer.import_first("unsloth", "cuda")
+    with pytest.raises(RuntimeError, match="transformers.* imported first in this kernel, so Unsloth could not patch them. Restart the kernel"):
+        peer.load_model("unsloth", "tiny-llama-shape", "nf4", "auto", True, "cuda", 64)
+
+
+def test_stack_hf_imports_nothing_and_sets_nothing(fresh_import_state, monkeypatch):
+    for k in peer.OFFLINE_ENV:
+        monkeypatch.delenv(k, raising=False)
+    peer.import_first("hf", "auto")
+    assert not peer._IMPORT and not any(k in peer.os.environ for k in peer.OFFLINE_ENV)
+
+
+def test_all_linear_is_the_seven_projections_for_the_peer():
+    assert peer.target_names("all-linear") == "all-linear"
+    assert peer.target_names("q_proj, v_proj") == ["q_proj", "v_proj"]
+    assert len(peer.ALL_LINEAR) == 7
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-shape", "qwen2.5-7b-shape"])
+def test_a_synthetic_checkpoint_gets_a_tokenizer_a_loader_can_read(tmp_path, name):
+    from transformers import AutoTokenizer
+
+    models.write_synthetic_tokenizer(name, tmp_path)
+    made = {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir()}
+    assert "tokenizer.json" in made and not [f for f in made if f.startswith(".")]  # no temp folder left
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    cfg = models.SYNTHETIC[name]["config"]
+    assert len(tok) == cfg["vocab_size"]  # no resize of the embeddings
+    assert tok.eos_token_id == cfg["eos_token_id"] and tok.bos_token_id == cfg["bos_token_id"]
+    assert tok.pad_token_id not in (tok.eos_token_id, None)  # so no loader adds a pad token
+    models.write_synthetic_tokenizer(name, tmp_path)  # once: a folder that has it is left alone
+    assert {f.name: f.stat().st_mtime_ns for f in tmp_path.iterdir()} == made
+
+
+@pytest.mark.slow
+def test_a_sweep_records_the_peer_that_cannot_load_and_goes_on(tmp_path, tiny_model_dir):
+    path = tiny_sweep(tmp_path, tiny_model_dir, {"stack": ["unsloth", "hf"]}, name="stacks")
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "base": {**spec["base"], "quant": "nf4"}}))  # the peer's one quantization
+    states = sweep.run_sweep(path, report=False, reports_root=tmp_path / "r")
+    records = {r["config"]["stack"]: r for r in read_all(tmp_path / "r" / "stacks" / "runs")}
+    assert sorted(states.values()) == ["error", "ok"] and records["hf"]["status"] == "ok"
+    failed = records["unsloth"]
+    assert failed["status"] == "error"
+    assert "stack 'unsloth' needs a CUDA GPU and `pip install -e .[peer]`: this run is on the CPU" in failed["error"]
+    assert failed["environment"]["device"] == "cpu"  # the notebook's own record, written by its guarded load step
+    # the default stack's record: the new key in its config, nothing of the peer's anywhere else
+    ok = records["hf"]
+    assert ok["config"]["stack"] == "hf" and "-unsloth-" not in ok["run_id"]
+    assert not [k for k in (*ok["metrics"], *ok["environment"]) if "unsloth" in k]
