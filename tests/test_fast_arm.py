@@ -120,3 +120,20 @@ def test_max_context_refuses_fused_kernels_on_cpu(tmp_path, capsys):
         max_context.main(["--model", "tiny-llama-shape", "--device", "cpu", "--fused-kernels", "--out",
                           str(tmp_path / "mc.json")])
     assert "--fused-kernels=True is not allowed: False on a CPU" in capsys.readouterr().err
+
+
+def test_max_context_with_the_peer_on_a_cpu_says_what_it_needs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QLORA_STUDY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(max_context.peer, "_IMPORT", {})
+    with pytest.raises(SystemExit) as e:
+        max_context.main(["--model", "tiny-llama-shape", "--device", "cpu", "--stack", "unsloth", "--out",
+                          str(tmp_path / "mc.json")])
+    assert "--stack unsloth: stack 'unsloth' needs a CUDA GPU and `pip install -e .[peer]`" in str(e.value)
+    assert not (tmp_path / "mc.json").exists()
+
+
+def test_max_context_refuses_our_levers_with_the_peer(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        max_context.main(["--model", "tiny-llama-shape", "--device", "cpu", "--stack", "unsloth", "--tiled-mlp", "4",
+                          "--out", str(tmp_path / "mc.json")])
+    assert "--tiled-mlp=4 is not allowed: 0 with stack 'unsloth'" in capsys.readouterr().err
