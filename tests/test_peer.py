@@ -138,3 +138,52 @@ def test_a_sweep_records_the_peer_that_cannot_load_and_goes_on(tmp_path, tiny_mo
     ok = records["hf"]
     assert ok["config"]["stack"] == "hf" and "-unsloth-" not in ok["run_id"]
     assert not [k for k in (*ok["metrics"], *ok["environment"]) if "unsloth" in k]
+
+
+class FakeFastLanguageModel:
+    """Stands in for Unsloth's FastLanguageModel on a CPU: records what the peer stack asks of it, loads with
+    transformers and attaches with peft, so the rest of the path runs."""
+    calls = []
+
+    @classmethod
+    def from_pretrained(cls, model_name, **kw):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        cls.calls.append(("from_pretrained", model_name, kw))
+        tok = AutoTokenizer.from_pretrained(model_name)  # Unsloth always reads one
+        return AutoModelForCausalLM.from_pretrained(model_name), tok
+
+    @classmethod
+    def get_peft_model(cls, model, **kw):
+        from peft import LoraConfig, get_peft_model
+
+        cls.calls.append(("get_peft_model", None, kw))
+        cfg = LoraConfig(r=kw["r"], lora_alpha=kw["lora_alpha"], lora_dropout=kw["lora_dropout"],
+                         target_modules=kw["target_modules"], bias=kw["bias"], task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
+
+
+def test_the_peer_is_asked_for_the_runs_settings(tmp_path, monkeypatch, fresh_import_state):
+    import types
+
+    monkeypatch.setenv("QLORA_STUDY_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FakeFastLanguageModel))
+    FakeFastLanguageModel.calls = []
+    net, tok, info = peer.load_model("unsloth", "tiny-llama-shape", "nf4", "auto", True, "cuda", 96)
+    assert tok is None  # the same data as the hf stack: a synthetic model trains on random tokens
+    folder = models.cache_dir() / "tiny-llama-shape"
+    assert (folder / "tokenizer.json").exists()  # written beside the synthetic checkpoint for Unsloth
+    assert info["dtype_resolved"] == "bfloat16" and info["params_total"] > 0 and info["synthetic"] is True
+    net = peer.attach_lora("unsloth", net, "nf4", 4, 8, 0.0, "all-linear", gradient_checkpointing=True, seed=3)
+    assert net.training
+    again, _, _ = peer.load_model("unsloth", "tiny-llama-shape", "nf4", "auto", True, "cuda", 96)
+    peer.attach_lora("unsloth", again, "nf4", 4, 8, 0.0, "q_proj,v_proj", False, seed=3)
+    (_, name, load), (_, _, attach), _, (_, _, attach_no_gc) = FakeFastLanguageModel.calls
+    assert name == str(folder)
+    assert load == {"max_seq_length": 96, "dtype": peer.torch.bfloat16, "load_in_4bit": True, "local_files_only": True}
+    assert attach == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(peer.ALL_LINEAR),
+                      "bias": "none", "use_gradient_checkpointing": "unsloth", "random_state": 3}
+    assert attach_no_gc["use_gradient_checkpointing"] is False and attach_no_gc["target_modules"] == ["q_proj", "v_proj"]
+    # on a second GPU, the model goes there
+    peer.load_model("unsloth", "tiny-llama-shape", "nf4", "auto", True, "cuda:1", 96)
+    assert FakeFastLanguageModel.calls[-1][2]["device_map"] == {"": "cuda:1"}
