@@ -112,7 +112,8 @@ def import_first(stack: str, device: str = "auto") -> None:
     problem = unavailable(device)
     early = [m for m in ("transformers", "peft") if m in sys.modules]
     if problem is None and early:
-        problem = (f"{NEEDS}, imported before transformers and peft: {' and '.join(early)} {'were' if len(early) > 1 else 'was'} imported first in "
+        were = "were" if len(early) > 1 else "was"
+        problem = (f"{NEEDS}, imported before transformers and peft: {' and '.join(early)} {were} imported first in "
                    "this kernel, so Unsloth could not patch them. Restart the kernel and run the notebook from the top")
     if problem:
         _IMPORT["error"] = problem
@@ -161,7 +162,7 @@ def load_model(stack: str, model: str, quant: str, dtype: str, double_quant: boo
     kw = {} if device in ("cuda", "cuda:0") else {"device_map": {"": device}}  # else Unsloth's default: GPU 0
     try:
         net, _ = fast.from_pretrained(model_name=source, max_seq_length=seq_len, dtype=torch.bfloat16,
-                                      load_in_4bit=True, local_files_only=True, **kw)
+                                      load_in_4bit=True, **kw)  # offline: OFFLINE_ENV, set before its import
     except OSError as e:
         raise OSError(f"could not load model {model!r} from {source} with Unsloth: {e}") from e
     info = models.loaded_info(model, source, net, "bfloat16", models.keep_training_layout(net))

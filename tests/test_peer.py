@@ -180,7 +180,7 @@ def test_the_peer_is_asked_for_the_runs_settings(tmp_path, monkeypatch, fresh_im
     peer.attach_lora("unsloth", again, "nf4", 4, 8, 0.0, "q_proj,v_proj", False, seed=3)
     (_, name, load), (_, _, attach), _, (_, _, attach_no_gc) = FakeFastLanguageModel.calls
     assert name == str(folder)
-    assert load == {"max_seq_length": 96, "dtype": peer.torch.bfloat16, "load_in_4bit": True, "local_files_only": True}
+    assert load == {"max_seq_length": 96, "dtype": peer.torch.bfloat16, "load_in_4bit": True}
     assert attach == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(peer.ALL_LINEAR),
                       "bias": "none", "use_gradient_checkpointing": "unsloth", "random_state": 3}
     assert attach_no_gc["use_gradient_checkpointing"] is False and attach_no_gc["target_modules"] == ["q_proj", "v_proj"]
