@@ -18,6 +18,7 @@ def load(name):
 
 fast_arm = load("fast_arm")
 max_context = load("max_context")
+offload_overlap = load("offload_overlap")
 
 
 def test_lever_list_is_parsed_and_checked():
@@ -137,3 +138,13 @@ def test_max_context_refuses_our_levers_with_the_peer(tmp_path, capsys):
         max_context.main(["--model", "tiny-llama-shape", "--device", "cpu", "--stack", "unsloth", "--tiled-mlp", "4",
                           "--out", str(tmp_path / "mc.json")])
     assert "--tiled-mlp=4 is not allowed: 0 with stack 'unsloth'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_offload_overlap_runs_on_cpu_and_finds_the_same_bits(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_STUDY_CACHE", str(tmp_path / "cache"))
+    r = offload_overlap.main(["--model", "tiny-llama-shape", "--device", "cpu", "--batch-size", "2", "--seq-len", "32",
+                              "--passes", "2", "--min-bytes", "0", "--out", str(tmp_path / "oo.json")])
+    assert set(r["results"]) == {"off", "save_on_cpu", "overlapped"}
+    assert all(x["same_bits"] and x["tokens_per_s"] > 0 for x in r["results"].values())
+    assert json.loads((tmp_path / "oo.json").read_text())["status"] == "ok"
