@@ -242,7 +242,7 @@ def main(argv=None):
           f"{'step s':>7}")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in results:
-        print(f"{fmt(r['budget_gib'], '.0f'):>10} {fmt(r['max_seq_len'], 'd'):>11} "
+        print(f"{fmt(r['budget_gib'], 'g'):>10} {fmt(r['max_seq_len'], 'd'):>11} "
               f"{fmt(r.get('first_failing_seq_len'), 'd'):>9} {fmt(r.get('peak_reserved_gib'), '.2f'):>12} "
               f"{fmt(r.get('non_torch_gib'), '.2f'):>14} {fmt(r.get('step_s'), '.2f'):>7}  {r['note']}")
     print(f"wrote {out} and {out.with_suffix('.csv')} in {record['wall_s']:.0f} s", flush=True)
