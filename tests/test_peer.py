@@ -187,3 +187,22 @@ def test_the_peer_is_asked_for_the_runs_settings(tmp_path, monkeypatch, fresh_im
     # on a second GPU, the model goes there
     peer.load_model("unsloth", "tiny-llama-shape", "nf4", "auto", True, "cuda:1", 96)
     assert FakeFastLanguageModel.calls[-1][2]["device_map"] == {"": "cuda:1"}
+
+
+def test_the_notebook_imports_the_peer_before_anything_else():
+    """Unsloth patches transformers only if imported first: the cell after the parameters starts with it, and
+    what runs before it (the parameters cell) imports nothing."""
+    import nbformat
+
+    nb = nbformat.read(ROOT / "notebooks" / "01_train.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []) and "import" not in code[0].source
+    assert code[1].source.startswith("from helpers import peer\npeer.import_first(stack, device)")
+
+
+def test_max_context_imports_no_transformers_before_it_chooses_the_stack():
+    code = ("import sys, importlib.util; s = importlib.util.spec_from_file_location('mc', 'benchmarks/max_context.py'); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print(sorted(x for x in ('transformers', 'peft') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
