@@ -237,17 +237,21 @@ def main(argv=None):
           + f" ({'synthetic: cost only; ' if record['synthetic'] else ''}medians of {a.rounds} interleaved round(s))")
     label = {"plain": "plain", "optimised": "ours", "peer": a.peer}
     for r in table:
-        print(f"{r['quant']}: {'arm':>9} {'runs ok':>7} " + " ".join(f"{h:>12}" for h in FIGURES.values()))
+        print(f"{r['quant']}: {'arm':>10} {'runs ok':>7} " + " ".join(f"{h:>12}" for h in FIGURES.values()))
         for arm, x in r["arms"].items():
-            print(f"{'':{len(r['quant']) + 1}} {label[arm]:>9} {x['runs_ok']:>7} "
+            print(f"{'':{len(r['quant']) + 1}} {label[arm]:>10} {x['runs_ok']:>7} "
                   + " ".join(f"{fmt(x[f'median_{k}'], '.2f' if k == 'peak_reserved_gib' else '.0f'):>12}"
                              for k in FIGURES))
         ratios = r.get("median_ratios") or {"ours/plain": {k: r[f"median_{k}"] for k in RATIOS}}
-        print(f"{'':{len(r['quant']) + 1}} {'ratio':>9} {'speed x':>8} {'reserved x':>10} {'J/token x':>9} {'steady J x':>10}")
+        per_round = {name: [(x.get("ratios") or {"ours/plain": x}).get(name, {}) for x in r["pairs"]] for name in ratios}
+        print(f"{'':{len(r['quant']) + 1}} {'median of':>10} {'speed x':>8} {'reserved x':>10} {'J/token x':>9} "
+              f"{'steady J x':>10}  speed x, reserved x of each round")
         for name, x in ratios.items():
-            print(f"{'':{len(r['quant']) + 1}} {name:>9} {fmt(x['tokens_per_s_ratio'], '.2f'):>8} "
+            each = " ".join(f"{fmt(y.get('tokens_per_s_ratio'), '.2f')}/{fmt(y.get('peak_reserved_ratio'), '.2f')}"
+                            for y in per_round[name])
+            print(f"{'':{len(r['quant']) + 1}} {name:>10} {fmt(x['tokens_per_s_ratio'], '.2f'):>8} "
                   f"{fmt(x['peak_reserved_ratio'], '.2f'):>10} {fmt(x['energy_per_token_ratio'], '.2f'):>9} "
-                  f"{fmt(x['energy_steady_ratio'], '.2f'):>10}")
+                  f"{fmt(x['energy_steady_ratio'], '.2f'):>10}  {each}")
         print(f"{'':{len(r['quant']) + 1}} max loss gap ours vs plain {fmt(r['loss_gap_max'] and 100 * r['loss_gap_max'], '.3f')}%"
               + (f"; peer vs plain {fmt(r['peer_loss_gap_max'] and 100 * r['peer_loss_gap_max'], '.3f')}% (information)"
                  if a.peer else ""))
