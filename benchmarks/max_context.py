@@ -2,6 +2,8 @@
 
     python benchmarks/max_context.py --out reports/gpu-7b/max_context.json
     python benchmarks/max_context.py --model tiny-llama-shape --device cpu --out /tmp/mc.json   # CPU smoke run
+    python benchmarks/max_context.py --stack unsloth --budgets 6 --max-seq 16384 --step 512 --lora-dropout 0 \
+        --out reports/fast-arm/max_context-unsloth.json     # the peer stack, set up the same way (GPU, .[peer])
 
 For a model (default: the synthetic llama-2-7b-shape, NF4 QLoRA, LoRA r=16 on all linear layers, gradient
 checkpointing, AdamW, batch 1), one probe = one forward + backward + optimizer step on random tokens of a
@@ -14,6 +16,10 @@ Labels, as everywhere in this study: a budget is an *emulation* (an allocator ca
 CUDA context and non-torch memory are outside it, and are reported beside it); a synthetic model's figures
 are cost figures only. Lengths beyond the model's context (--max-seq above it) are memory figures only.
 On a CPU there is no allocator cap: one bisection without a budget is run (a smoke test of the procedure).
+--stack unsloth loads the model and attaches LoRA with Unsloth (helpers/peer.py: its own checkpointing, none of
+our levers, max_seq_length = --max-seq); the cap, the probe, the optimizer and the dropout are the same as ours.
+Unsloth must be imported before transformers, so this script imports helpers.telemetry (which imports
+transformers) only after peer.import_first, inside main and probe.
 fits_real_card says whether torch's peak plus the non-torch part (CUDA context, cuBLAS) measured after the
 step stays within the budget: where it is false, a real card of that size holds a shorter sequence.
 
@@ -31,15 +37,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import levers, models, runs, telemetry  # noqa: E402
+from helpers import levers, models, peer, runs  # noqa: E402 - none of these imports transformers at import time
 from helpers.data import random_blocks  # noqa: E402
-from helpers.train import attach_lora  # noqa: E402
 
 GIB = 2**30
 
 
 def probe(net, opt, seq_len: int, vocab: int, device: str, nvml, lever_cfg=None) -> dict:
     """One training step at batch 1; returns pass/fail with memory and time. Never raises an OOM."""
+    from helpers import telemetry  # after peer.import_first (see the module docstring)
+
     on_gpu = device.startswith("cuda")
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -102,6 +109,9 @@ def main(argv=None):
     ap.add_argument("--model", default="llama-2-7b-shape")
     ap.add_argument("--quant", default="nf4", choices=models.QUANTS)
     ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (Unsloth's fast path needs 0)")
+    ap.add_argument("--stack", default="hf", choices=peer.STACKS,
+                    help="hf: ours, with the levers below; unsloth: the peer (GPU, pip install -e .[peer]), no levers")
     ap.add_argument("--budgets", default="6,8,12,24", help="GiB, comma-separated (GPU only)")
     ap.add_argument("--step", type=int, default=128, help="resolution of the bisection (tokens)")
     ap.add_argument("--max-seq", type=int, default=0, help="upper end of the search (default: the model's context)")
@@ -119,7 +129,12 @@ def main(argv=None):
     lever_cfg = {k: getattr(a, k) for k in levers.LEVERS}
 
     device = runs.resolve_device(a.device)
+    peer.import_first(a.stack, device)  # first: Unsloth patches transformers only if imported before it
+    from helpers import telemetry
+
     on_gpu = device.startswith("cuda")
+    for name, value, allowed in peer.problems({**lever_cfg, "quant": a.quant, "stack": a.stack}):
+        ap.error(f"--{name.replace('_', '-')}={value!r} is not allowed: {allowed}")
     for name, value, allowed in levers.problems({**lever_cfg, "quant": a.quant}, on_gpu):
         ap.error(f"--{name.replace('_', '-')}={value!r} is not allowed: {allowed}")
     context = models.context_length(a.model)
@@ -137,10 +152,13 @@ def main(argv=None):
         budgets.sort()
     models.resolve_model(a.model)  # write a synthetic checkpoint once, outside the timed load
     t0 = time.perf_counter()
-    net, _, info = models.load_model(a.model, a.quant, "auto", True, device=device)
+    try:
+        net, _, info = peer.load_model(a.stack, a.model, a.quant, "auto", True, device, max_seq)
+    except RuntimeError as e:  # the peer cannot load here (no GPU, the extra missing): say so in one line
+        sys.exit(f"--stack {a.stack}: {e}")
     load_s = time.perf_counter() - t0
     net = levers.apply_to_base(net, lever_cfg)
-    net = attach_lora(net, a.quant, a.lora_r, 2 * a.lora_r, 0.05, keep_16bit=a.keep_16bit)
+    net = peer.attach_lora(a.stack, net, a.quant, a.lora_r, 2 * a.lora_r, a.lora_dropout, keep_16bit=a.keep_16bit)
     net = levers.apply_to_peft(net, lever_cfg)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
     vocab = net.config.vocab_size
@@ -150,7 +168,7 @@ def main(argv=None):
         sys.exit(f"a {a.step}-token step fails even without a budget: {first['error']}")
     resident = torch.cuda.memory_allocated() / GIB if on_gpu else None  # weights + LoRA + optimizer state
     on = {k: v for k, v in lever_cfg.items() if v}
-    print(f"levers: {on or 'none (the plain stack)'}", flush=True)
+    print(f"stack {a.stack}, levers: {on or ('none (the plain stack)' if a.stack == 'hf' else 'none')}", flush=True)
     print(f"{a.model} quant={a.quant} r={a.lora_r} on {device}: load {load_s:.1f} s, weights {info['weights_gib']:.2f} GiB, "
           f"resident with LoRA + AdamW state {resident or float('nan'):.2f} GiB, CUDA context "
           f"{baseline['cuda_context_gib'] or float('nan'):.2f} GiB; search {a.step}..{max_seq} step {a.step}", flush=True)
@@ -200,7 +218,8 @@ def main(argv=None):
     record = {
         "what": "largest seq_len for one training step at batch 1 under each VRAM budget (bisection)",
         "model": a.model, "synthetic": info["synthetic"], "quant": a.quant, "lora_r": a.lora_r, "batch_size": 1,
-        "optimizer": "torch AdamW", "gradient_checkpointing": True, "levers": lever_cfg, "step": a.step, "max_seq": max_seq,
+        "optimizer": "torch AdamW", "gradient_checkpointing": True, "stack": a.stack, "lora_dropout": a.lora_dropout,
+        **{k: v for k, v in info.items() if k.startswith("unsloth")}, "levers": lever_cfg, "step": a.step, "max_seq": max_seq,
         "model_context": context, "device": device, "load_s": load_s, "weights_gib": info["weights_gib"],
         "resident_gib": resident, **baseline,
         "budget_note": runs.BUDGET_NOTE if on_gpu else "CPU: no allocator cap, one search without a budget",
@@ -223,7 +242,7 @@ def main(argv=None):
           f"{'step s':>7}")
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in results:
-        print(f"{fmt(r['budget_gib'], '.0f'):>10} {fmt(r['max_seq_len'], 'd'):>11} "
+        print(f"{fmt(r['budget_gib'], 'g'):>10} {fmt(r['max_seq_len'], 'd'):>11} "
               f"{fmt(r.get('first_failing_seq_len'), 'd'):>9} {fmt(r.get('peak_reserved_gib'), '.2f'):>12} "
               f"{fmt(r.get('non_torch_gib'), '.2f'):>14} {fmt(r.get('step_s'), '.2f'):>7}  {r['note']}")
     print(f"wrote {out} and {out.with_suffix('.csv')} in {record['wall_s']:.0f} s", flush=True)

@@ -3,6 +3,7 @@
 models     resolve and load a model (quantized or not), count its parameters
 data       load a corpus, split it by document, cut it into token blocks
 train      attach LoRA, train with the HF Trainer
+peer       the training stack: ours (hf) or the peer we measure beside it (unsloth), one switch
 telemetry  per-step time/memory/energy, phase timers
 evaluate   token-weighted perplexity
 runs       parameters, validation, run ids, atomic sidecars

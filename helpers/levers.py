@@ -5,7 +5,10 @@
     torch_compile        torch.compile each decoder layer (regional compilation: one compiled graph shared by
                          all layers of a shape, so compile time does not grow with depth).
     offload_activations  tensors saved for backward during the forward pass (with checkpointing: the layer
-                         inputs, and the head's input) go to pinned host memory and come back in backward.
+                         inputs, and the head's input) go to pinned host memory and come back in backward. On a
+                         GPU the copies overlap compute (HostOffload: out on a side stream, back one tensor ahead
+                         of backward on another), parameters and tensors under 1 MiB stay; on a CPU, torch's
+                         save_on_cpu. Either way the values that come back are the bits that went out.
     keep_16bit           QLoRA only: skip peft's upcast of norms, embeddings and head to float32 (which doubles
                          their memory); they stay in the compute dtype, as in the 16-bit arm.
     chunked_loss         N > 0: apply the output head and cross-entropy in N chunks of tokens, each
@@ -131,10 +134,104 @@ def chunked_causal_lm_loss(model, input_ids, labels, attention_mask=None, chunks
     return total / (denom.to(total.device) if torch.is_tensor(denom) else denom)
 
 
+OFFLOAD_MIN_BYTES = 2**20  # smaller saved tensors (RoPE tables, masks, norms' statistics) stay: a copy each, ~nothing freed
+_SIDE_STREAMS = {}  # device -> (out stream, back stream), made once
+
+
+def _side_streams(device):
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = (torch.cuda.Stream(device=device), torch.cuda.Stream(device=device))
+    return _SIDE_STREAMS[device]
+
+
+def _is_parameter(t: torch.Tensor) -> bool:
+    """A parameter, or a view of one: it stays in device memory anyway, so a copy would free nothing."""
+    return isinstance(t, torch.nn.Parameter) or isinstance(getattr(t, "_base", None), torch.nn.Parameter)
+
+
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """Saved tensors to pinned host memory with the copies overlapping compute (offload_activations on a GPU).
+
+    torch's save_on_cpu copies each saved tensor out, and back in backward, on the compute stream, so every copy
+    waits for the kernels before it and holds up those after it. Here (the idea of Unsloth's offloaded
+    checkpointing and of torchtune's OffloadActivations, written here because neither library is a dependency
+    of this study): out, a side stream copies the tensor once the compute stream has made it (record_stream
+    keeps its memory from being reused before the copy has read it), while the forward pass goes on; back,
+    backward uses saved tensors in about the reverse order they were saved, so when tensor i is needed, the
+    highest unused one below it starts coming back on a second side stream (double buffering: at most one
+    tensor on its way, one extra in device memory) and the compute stream waits only on events. Parameters and
+    views of them (in device memory anyway) and tensors under min_bytes are kept as they are. Each forward pass
+    gets its own instance (offload_context makes one per micro-batch); its hooks live as long as its graph.
+
+    On a CPU the same bookkeeping runs with plain copies and no streams (tests/test_levers.py checks that
+    gradients are bit-identical with and without it); the lever uses torch's save_on_cpu there."""
+
+    def __init__(self, min_bytes: int = OFFLOAD_MIN_BYTES):
+        self.min_bytes = min_bytes
+        self.saved = {}  # index -> (host tensor, event its copy-out records, device)
+        self.coming = {}  # index -> (device tensor on its way back, event its copy-in records)
+        self.waiting = set()  # indices neither used nor on their way back yet
+        super().__init__(self._pack, self._unpack)
+
+    @torch.no_grad()
+    def _pack(self, t: torch.Tensor):
+        if _is_parameter(t) or t.is_sparse or t.numel() * t.element_size() < self.min_bytes:
+            return (None, t)
+        i = len(self.saved)
+        self.waiting.add(i)
+        if t.device.type != "cuda":
+            self.saved[i] = (t.detach().clone(), None, t.device)
+            return (i, None)
+        out, _ = _side_streams(t.device)
+        out.wait_stream(torch.cuda.current_stream(t.device))  # t is complete before it is read
+        with torch.cuda.stream(out):
+            host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
+            host.copy_(t.detach(), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(out)
+        t.record_stream(out)  # its device memory is not handed out again before the copy has read it
+        self.saved[i] = (host, done, t.device)
+        return (i, None)
+
+    @torch.no_grad()
+    def _send_back(self, i: int) -> None:
+        host, done, device = self.saved[i]
+        if done is None:
+            self.coming[i] = (host.clone(), None)
+            return
+        _, back = _side_streams(device)
+        with torch.cuda.stream(back):
+            back.wait_event(done)
+            t = host.to(device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(back)
+        self.coming[i] = (t, ready)
+
+    @torch.no_grad()
+    def _unpack(self, packed):
+        i, t = packed
+        if i is None:
+            return t
+        if i not in self.coming:  # not sent ahead (or already used once: a graph kept for a second backward)
+            self._send_back(i)
+        t, ready = self.coming.pop(i)
+        if ready is not None:
+            main = torch.cuda.current_stream(t.device)
+            main.wait_event(ready)
+            t.record_stream(main)  # made on the side stream, used and freed on this one
+        self.waiting.discard(i)
+        if not self.coming and self.waiting:  # one on its way at a time: the next one backward is likely to need
+            below = [j for j in self.waiting if j < i]
+            nxt = max(below) if below else max(self.waiting)
+            self.waiting.discard(nxt)
+            self._send_back(nxt)
+        return t
+
+
 def offload_context(cfg: dict, on_gpu: bool):
     """Where the forward pass runs: saved tensors to pinned host memory when offload_activations is on."""
     if cfg.get("offload_activations"):
-        return torch.autograd.graph.save_on_cpu(pin_memory=on_gpu)
+        return HostOffload() if on_gpu else torch.autograd.graph.save_on_cpu(pin_memory=False)
     return contextlib.nullcontext()
 
 

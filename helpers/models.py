@@ -230,6 +230,48 @@ def fetch_synthetic(name: str, quiet: bool = False) -> Path:
     return write_synthetic(name, dest)
 
 
+SYNTHETIC_TOKENIZER_FILE = "tokenizer.json"  # its presence says the tokenizer beside a synthetic checkpoint is whole
+
+
+def write_synthetic_tokenizer(name: str, folder) -> Path:
+    """A tokenizer beside a synthetic checkpoint, for loaders that always read one (Unsloth's
+    FastLanguageModel.from_pretrained, helpers/peer.py); the hf stack never loads it (a synthetic model trains
+    on random token ids, with no tokenizer). Returns the folder.
+
+    One placeholder token per id of the model's vocabulary (a word-level vocabulary: len(tokenizer) equals
+    vocab_size, so nothing is resized), '<s>' and '</s>' at the config's bos and eos ids, and a distinct '<pad>'
+    at the lowest other id, so no loader reuses eos as padding or adds a pad token. Written once, atomically:
+    the other files first, tokenizer.json last, so a folder that has it has the whole tokenizer."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / SYNTHETIC_TOKENIZER_FILE).exists():
+        return folder
+    cfg = SYNTHETIC[name]["config"]
+    tokens = [f"<t{i}>" for i in range(cfg["vocab_size"])]
+    bos, eos = cfg["bos_token_id"], cfg["eos_token_id"]
+    tokens[bos], tokens[eos] = "<s>", "</s>"  # one token where a model's bos is its eos (Qwen2.5)
+    pad = min(set(range(3)) - {bos, eos})
+    tokens[pad] = "<pad>"
+    core = Tokenizer(WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<pad>"))
+    core.pre_tokenizer = WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=tokens[bos], eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<pad>", model_max_length=cfg["max_position_embeddings"])
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=folder))
+    try:
+        tok.save_pretrained(tmp)
+        files = sorted(tmp.iterdir(), key=lambda f: f.name == SYNTHETIC_TOKENIZER_FILE)  # tokenizer.json last
+        for f in files:
+            f.chmod(0o644)
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def resolve_model(model: str) -> str:
     """Model name -> what from_pretrained takes: a local folder (embedded or given) or a hub id."""
     check_model_name(model)
@@ -312,32 +354,26 @@ def _say_bnb_casts_once() -> None:
         log.addFilter(_OnceFilter())
 
 
-def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant: bool = True, device: str = "cpu"):
-    """Load tokenizer and model; return (model, tokenizer, info) with parameter counts and weights memory.
+def load_tokenizer(model: str, source: str):
+    """The run's tokenizer, the same whichever stack loads the weights (helpers/peer.py): None for a synthetic
+    model (it trains on random token ids); pad = eos where the tokenizer has no pad token."""
+    from transformers import AutoTokenizer
 
-    A synthetic model has no tokenizer (None): it trains on random token ids.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _say_bnb_casts_once()
-
-    dtype = resolve_dtype(dtype, device)
-    source = resolve_model(model)
-    qcfg = bnb_config(quant, dtype, double_quant)
-    tok = None
+    if is_synthetic(model):
+        return None
     try:
-        if not is_synthetic(model):
-            tok = AutoTokenizer.from_pretrained(source)
-        net = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], quantization_config=qcfg, device_map={"": device}
-        )
+        tok = AutoTokenizer.from_pretrained(source)
     except OSError as e:
-        raise OSError(f"could not load model {model!r} from {source}: {e}") from e
-    if tok is not None and tok.pad_token is None:
+        raise OSError(f"could not load the tokenizer of model {model!r} from {source}: {e}") from e
+    if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    repack_off = keep_training_layout(net)  # the same 4-bit path on every CPU (helpers/quantized.py)
+    return tok
+
+
+def loaded_info(model: str, source: str, net, dtype: str, repack_off: int = 0) -> dict:
+    """What a run records about the model it loaded (into its metrics), whichever stack loaded it."""
     _, total = count_parameters(net)
-    info = {
+    return {
         "model_source": source,
         "model_type": net.config.model_type,
         "synthetic": is_synthetic(model),  # random weights: time/memory/energy only, perplexity is no quality
@@ -346,7 +382,29 @@ def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant
         "weights_gib": net.get_memory_footprint() / 2**30,  # parameters + buffers as stored (4-bit packed)
         "cpu_repack_disabled_layers": repack_off,  # 4-bit layers kept out of bitsandbytes' CPU inference layout
     }
-    return net, tok, info
+
+
+def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant: bool = True, device: str = "cpu"):
+    """Load tokenizer and model; return (model, tokenizer, info) with parameter counts and weights memory.
+
+    A synthetic model has no tokenizer (None): it trains on random token ids.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _say_bnb_casts_once()
+
+    dtype = resolve_dtype(dtype, device)
+    source = resolve_model(model)
+    qcfg = bnb_config(quant, dtype, double_quant)
+    tok = load_tokenizer(model, source)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(
+            source, dtype=DTYPES[dtype], quantization_config=qcfg, device_map={"": device}
+        )
+    except OSError as e:
+        raise OSError(f"could not load model {model!r} from {source}: {e}") from e
+    repack_off = keep_training_layout(net)  # the same 4-bit path on every CPU (helpers/quantized.py)
+    return net, tok, loaded_info(model, source, net, dtype, repack_off)
 
 
 if __name__ == "__main__":

