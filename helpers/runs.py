@@ -12,7 +12,9 @@ from .sidecars import (  # noqa: F401 - re-exported: the notebook and the sweep 
     ENV_COLUMNS, SIDECAR_VERSION, notebook_problem, progress_path, read_all, read_sidecar, summary_rows, write_sidecar,
     write_summary,
 )
-from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic
+from .models import (
+    DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic, stored_problem,
+)
 from .levers import LEVERS
 from .levers import config_of as levers_of
 from .levers import problems as lever_problems
@@ -128,6 +130,9 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
             f"corpus={c['corpus']!r} does not go with model={c['model']!r}: synthetic models (random weights, "
             f"no tokenizer) train on corpus={RANDOM_CORPUS!r}, and only they do (its perplexity is no quality figure)"
         )
+    stored = stored_problem(c["model"], c["quant"], c["double_quant"])
+    if stored:
+        raise ValueError(stored)
     for name in ("lora_r", "max_steps", "batch_size", "grad_accum"):
         v = c[name]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "a whole number >= 1")
