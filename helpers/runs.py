@@ -1,4 +1,5 @@
 """A run's parameters: validation, id, environment, and its sidecar JSON (written atomically, last)."""
+import functools
 import hashlib
 import json
 import math
@@ -148,8 +149,10 @@ def sharding_problems(config: dict, here: bool = True) -> list[tuple[str, object
     return out
 
 
+@functools.cache
 def bitsandbytes_problem_elsewhere() -> str | None:
-    """models.bitsandbytes_problem() asked in a child process, so this one never imports bitsandbytes."""
+    """models.bitsandbytes_problem() asked in a child process, so this one never imports bitsandbytes (once per
+    process: a sweep's dry run validates many configurations)."""
     code = "from helpers.models import bitsandbytes_problem as p; import sys; m = p(); sys.exit(m) if m else None"
     r = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["bitsandbytes is not usable"])[-1]

@@ -79,9 +79,11 @@ SCRIPT = textwrap.dedent("""
 
 # float32 on both sides, no dropout (its masks would differ: each process draws its own); what differs is only the
 # order of additions: the gradient is reduced over 2 shards and averaged instead of summed over one batch, which
-# Adam's normalised steps carry into the next losses. Measured: ~1e-7 relative over 4 steps, for 16-bit and NF4
-# alike; 1e-5 leaves room for other CPUs' kernels. A wrong split of the batch, a missing average of the gradients or
-# unequal adapters move step 2's loss by far more (the learning rate is 10x the default so that they would).
+# Adam's normalised steps carry into the next losses. Measured: ~2e-7 relative over 4 steps, for 16-bit and NF4
+# alike; 1e-5 leaves room for other CPUs' kernels. What it catches: another split of the batch (step 0's loss
+# already differs), unequal adapters, gradients not reduced across processes (each would step on half the batch);
+# the learning rate is 10x the default so that a wrong step shows. Not a gradient off by a constant factor: Adam's
+# step does not see the scale.
 LOSS_RTOL = 1e-5
 
 
