@@ -278,6 +278,7 @@ def train_rank(config: dict, device: str, train_blocks, eval_blocks, rank: int, 
         m["ppl_after"] = perplexity(net, eval_blocks, batch_size=bs * 2, device=device)["ppl"]
     m.update(telemetry.memory_peaks(device, steps.nvml, steps.history))
     return {"metrics": m, "history": steps.history, "energy_window": [steps.energy_start_j, steps.energy_end_j],
+            "sampled_energy_j": steps.sampled_energy_j,
             "window_s": steps.window_s, "timing_warmup_steps": c["timing_warmup_steps"],
             "environment": runs.environment(device)}
 
@@ -288,7 +289,8 @@ def aggregate(ranks: list[dict]) -> tuple[dict, list[dict], dict]:
         peaks per GPU       PER_GPU keys: `<key>_per_gpu` lists each GPU's own figure (rank order); `<key>` is the
                             largest, what the fullest card needed (a card of that size fits the run)
         host memory         peak_rss_gib: the processes' peak resident memory summed (an upper bound of the host's
-                            peak: the peaks need not coincide); peak_rss_gib_per_process lists them
+                            peak: the peaks need not coincide, and pages a process shares with the kernel it was
+                            forked from count in each); peak_rss_gib_per_process lists them
         time                load_s, eval_*_s, train_s: the slowest process's; a step's time (history) is its
                             slowest process's step time, as the step ends when the last gradient shard is reduced
         tokens              a step's tokens and tokens_trained: summed over processes (the global batch);
@@ -326,6 +328,7 @@ def aggregate(ranks: list[dict]) -> tuple[dict, list[dict], dict]:
     windows = [r["energy_window"] for r in ranks]
     if all(a is not None and b is not None for a, b in windows):
         whole.energy_start_j, whole.energy_end_j = 0.0, sum(b - a for a, b in windows)
+    whole.sampled_energy_j = sum(r["sampled_energy_j"] for r in ranks)  # the fallback where a GPU has no counter
     whole.window_s = max(r["window_s"] for r in ranks)
     m.update(whole.summary(first["timing_warmup_steps"]))
     m["num_processes"] = len(ranks)
