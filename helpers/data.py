@@ -154,7 +154,8 @@ def prepare(config: dict, tokenizer, run: dict | None = None):
         from .models import synthetic_vocab_size
 
         vocab = synthetic_vocab_size(config["model"])
-        n_train = config["max_steps"] * config["batch_size"] * config["grad_accum"]
+        # blocks per optimizer step: batch_size per process, num_gpus processes (helpers.sharded), grad_accum
+        n_train = config["max_steps"] * config["batch_size"] * config["grad_accum"] * config.get("num_gpus", 1)
         train = random_blocks(n_train, config["seq_len"], vocab, seed=config["seed"])
         evals = random_blocks(config["eval_blocks"] or SYNTHETIC_EVAL_BLOCKS, config["seq_len"], vocab, seed=1234)
         if run is not None:

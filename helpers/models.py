@@ -19,7 +19,7 @@ import torch
 
 from .quantized import keep_training_layout
 from .registry import (  # noqa: F401 - re-exported: the names callers know from here
-    DEFAULT_MODEL, EMBEDDED, QUANTS, SYNTHETIC, cache_dir, is_synthetic, looks_like_hub_id,
+    DEFAULT_MODEL, EMBEDDED, QUANTS, SYNTHETIC, cache_dir, is_synthetic, looks_like_hub_id, stored_quant,
 )
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -141,11 +141,14 @@ def synthetic_vocab_size(name: str) -> int:
     return SYNTHETIC[name]["config"]["vocab_size"]
 
 
-def _shard_plan(shapes: dict, shard_bytes: int) -> list[list[str]]:
-    """Group tensor names, in order, into shards of at most shard_bytes (bf16); a larger tensor gets its own."""
+def _shard_plan(shapes: dict, shard_bytes: int, bytes_of=None) -> list[list[str]]:
+    """Group tensor names, in order, into shards of at most shard_bytes; a larger tensor gets its own.
+
+    bytes_of(name, shape): the bytes a tensor takes on disk (default: bf16, 2 per element)."""
+    bytes_of = bytes_of or (lambda name, shape: 2 * math.prod(shape))
     shards, current, size = [], [], 0
     for name, shape in shapes.items():
-        nbytes = 2 * math.prod(shape)
+        nbytes = bytes_of(name, shape)
         if current and size + nbytes > shard_bytes:
             shards.append(current)
             current, size = [], 0
@@ -156,25 +159,61 @@ def _shard_plan(shapes: dict, shard_bytes: int) -> list[list[str]]:
     return shards
 
 
+# How a pre-quantized synthetic checkpoint is stored (registry "stored"): bitsandbytes' defaults (64-weight blocks),
+# double quant on (the notebook's default), and the packed 4-bit weights stored in bf16 words, the dtype FSDP
+# flattens a bf16 model into (bnb_config(..., sharded=True) asks for the same), so one checkpoint serves 1 and N GPUs.
+STORED_4BIT = {"dtype": "bfloat16", "double_quant": True, "blocksize": 64}
+
+
+def quantized_weight_names(skeleton) -> set[str]:
+    """The weights bitsandbytes quantizes when transformers loads a model in 4 bits: every nn.Linear's but the
+    output head's (transformers keeps the head, and so the tied embedding, in 16 bits)."""
+    head = skeleton.get_output_embeddings()
+    return {f"{n}.weight" for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
+
+
 def write_synthetic(name: str, dest: Path, seed: int = SYNTHETIC_SEED, shard_bytes: int = SHARD_BYTES,
-                    device: str | None = None) -> Path:
-    """Write a random-init bf16 safetensors checkpoint of a named architecture into dest (atomically).
+                    device: str | None = None, stored: str | None = "registry", progress: bool = False) -> Path:
+    """Write a random-init safetensors checkpoint of a named architecture into dest (atomically).
 
     Each tensor comes from its own seeded generator (seed, tensor index), so the checkpoint is the
-    same whichever shard size is used; tensors are made one shard at a time on `device` (a GPU makes
-    them fast; default: cuda if available), so host memory holds at most one shard.
+    same whichever shard size is used; tensors are made one at a time on `device` (a GPU makes them
+    fast; default: cuda if available) and written one shard at a time, so host memory holds at most one
+    shard plus one tensor, never the model.
+
+    stored: None writes bf16; 'nf4' | 'fp4' writes the checkpoint transformers saves for a bitsandbytes 4-bit
+    model (STORED_4BIT): each Linear weight but the head's, made in bf16 as above, quantized with bitsandbytes'
+    quantize_4bit, and saved as the packed weight plus its quant_state tensors (absmax, quant_map, the nested
+    constants and the packed `quant_state.bitsandbytes__<type>`), with config.json's quantization_config; it loads
+    with from_pretrained and no BitsAndBytesConfig. Default 'registry': the architecture's "stored" entry.
+    The 4-bit weights are the NF4 of the bf16 checkpoint of the same seed. progress: a line per shard with the
+    bytes written and the time left.
     """
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
+    stored = stored_quant(name) if stored == "registry" else stored
+    if stored not in (None, "nf4", "fp4"):
+        raise ValueError(f"stored={stored!r} is not allowed: None (bf16) or a 4-bit quant, 'nf4' or 'fp4'")
     cfg = synthetic_config(name)
     with torch.device("meta"):  # shapes only: nothing is allocated
         skeleton = AutoModelForCausalLM.from_config(cfg)
     shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}  # tied weights appear once
+    quantized = quantized_weight_names(skeleton) if stored else set()
     del skeleton
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     index = {n: i for i, n in enumerate(shapes)}
-    plan = _shard_plan(shapes, shard_bytes)
+
+    def disk_bytes(n, shape):  # 4 bits a weight (the quantization constants are ~1-3 % more)
+        return math.prod(shape) // 2 if n in quantized else 2 * math.prod(shape)
+
+    plan = _shard_plan(shapes, shard_bytes, disk_bytes)
+    planned = sum(disk_bytes(n, s) for n, s in shapes.items())
+    if stored:
+        from bitsandbytes.functional import quantize_4bit
+
+        qcfg = bnb_config(stored, STORED_4BIT["dtype"], STORED_4BIT["double_quant"], sharded=True)
+        cfg.quantization_config = qcfg.to_dict()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
@@ -189,19 +228,36 @@ def write_synthetic(name: str, dest: Path, seed: int = SYNTHETIC_SEED, shard_byt
                     t = torch.ones(shapes[n], dtype=torch.bfloat16)
                 else:
                     g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index[n])
-                    t = torch.randn(shapes[n], generator=g, device=device, dtype=torch.bfloat16)
-                    t = t.mul_(SYNTHETIC_INIT_STD).cpu()
-                tensors[n] = t
-                weight_map[n] = fname
-                total += t.numel() * t.element_size()
+                    t = torch.randn(shapes[n], generator=g, device=device, dtype=torch.bfloat16).mul_(SYNTHETIC_INIT_STD)
+                if n in quantized:  # packed weight + its quant_state, as Params4bit saves them
+                    q, state = quantize_4bit(t, blocksize=STORED_4BIT["blocksize"],
+                                             compress_statistics=STORED_4BIT["double_quant"], quant_type=stored,
+                                             quant_storage=DTYPES[STORED_4BIT["dtype"]])
+                    parts = {n: q, **{f"{n}.{key}": v for key, v in state.as_dict(packed=True).items()}}
+                    del q, state
+                else:
+                    parts = {n: t}
+                del t
+                for key, v in parts.items():
+                    tensors[key] = v.cpu()
+                    weight_map[key] = fname
+                    total += v.numel() * v.element_size()
+                del parts
             save_file(tensors, tmp / fname, metadata={"format": "pt"})
             del tensors
+            if progress:
+                done_s = time.perf_counter() - t0
+                print(f"  shard {k}/{len(plan)}: {total / 1e9:.2f} of ~{planned / 1e9:.1f} GB, {done_s:.0f} s, "
+                      f"~{max(0.0, done_s * (planned / total - 1)):.0f} s left", flush=True)
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         cfg.save_pretrained(tmp)
         source = {"synthetic": True, "architecture": name, "shape_of": SYNTHETIC[name]["shape_of"],
                   "init": f"normal(0, {SYNTHETIC_INIT_STD}) bf16, norm weights 1", "seed": seed,
-                  "bytes": total, "write_s": round(time.perf_counter() - t0, 2)}
+                  "stored": stored or "bfloat16", "bytes": total, "write_s": round(time.perf_counter() - t0, 2)}
+        if stored:
+            source["stored_note"] = (f"Linear weights but the head's quantized to {stored} by bitsandbytes' "
+                                     f"quantize_4bit ({STORED_4BIT}); the rest bf16")
         (tmp / "qlora_study_source.json").write_text(json.dumps(source, indent=1))
         for f in tmp.iterdir():  # mkdtemp makes the folder private; a cache may be shared
             f.chmod(0o644)
@@ -224,10 +280,11 @@ def fetch_synthetic(name: str, quiet: bool = False) -> Path:
     dest = cache_dir() / name
     if (dest / "config.json").exists():
         return dest
+    stored = stored_quant(name)
     if not quiet:
         print(f"writing the synthetic {name} checkpoint (random weights, shape of "
-              f"{SYNTHETIC[name]['shape_of']}) into {dest} (once)", flush=True)
-    return write_synthetic(name, dest)
+              f"{SYNTHETIC[name]['shape_of']}{', stored ' + stored if stored else ''}) into {dest} (once)", flush=True)
+    return write_synthetic(name, dest, progress=not quiet)
 
 
 SYNTHETIC_TOKENIZER_FILE = "tokenizer.json"  # its presence says the tokenizer beside a synthetic checkpoint is whole
@@ -300,8 +357,16 @@ def bitsandbytes_problem() -> str | None:
     return None
 
 
-def bnb_config(quant: str, dtype: str, double_quant: bool):
-    """The one switch `quant` mapped onto a BitsAndBytesConfig (None for the 16-bit arm)."""
+def bnb_config(quant: str, dtype: str, double_quant: bool, sharded: bool = False):
+    """The one switch `quant` mapped onto a BitsAndBytesConfig (None for the 16-bit arm).
+
+    sharded (num_gpus > 1, helpers.sharded): the packed 4-bit weights are stored in `dtype` words
+    (bnb_4bit_quant_storage) instead of bytes. FSDP1 flattens each wrapped layer's parameters into one tensor of one
+    floating dtype and shards that; uint8 weights beside bf16 norms and adapters cannot be flattened, and an integer
+    tensor cannot be sharded as a float. bitsandbytes reads the packed bits whatever the storage word, so the
+    weights and the arithmetic are unchanged (Answer.AI's FSDP-QLoRA; bitsandbytes' fsdp_qlora guide). int8 has no
+    such storage and is refused with more than one GPU (helpers.sharded.problems).
+    """
     if quant == "none":
         return None
     problem = bitsandbytes_problem()
@@ -316,7 +381,19 @@ def bnb_config(quant: str, dtype: str, double_quant: bool):
         bnb_4bit_quant_type=quant,  # nf4 | fp4
         bnb_4bit_compute_dtype=DTYPES[dtype],
         bnb_4bit_use_double_quant=double_quant,  # quantize the absmax constants too: ~0.37 bit/param less
+        bnb_4bit_quant_storage=DTYPES[dtype] if sharded else torch.uint8,  # uint8: bitsandbytes' own default
     )
+
+
+def stored_problem(model: str, quant: str, double_quant: bool) -> str | None:
+    """Why a run cannot use a checkpoint written pre-quantized (registry "stored"), or None: it is read as it was
+    written, never quantized again, so the run's quant and double_quant must be the checkpoint's."""
+    stored = stored_quant(model)
+    if stored is None or (quant == stored and double_quant == STORED_4BIT["double_quant"]):
+        return None
+    return (f"model={model!r} is stored pre-quantized ({stored}, double_quant={STORED_4BIT['double_quant']}): "
+            f"use quant={stored!r} and double_quant={STORED_4BIT['double_quant']} (got quant={quant!r}, "
+            f"double_quant={double_quant!r}); its 16-bit checkpoint would not fit this machine's disk")
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -384,10 +461,13 @@ def loaded_info(model: str, source: str, net, dtype: str, repack_off: int = 0) -
     }
 
 
-def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant: bool = True, device: str = "cpu"):
+def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant: bool = True, device: str = "cpu",
+               sharded: bool = False):
     """Load tokenizer and model; return (model, tokenizer, info) with parameter counts and weights memory.
 
-    A synthetic model has no tokenizer (None): it trains on random token ids.
+    A synthetic model has no tokenizer (None): it trains on random token ids. A checkpoint written pre-quantized
+    (registry "stored") loads as written: its config.json's quantization_config, no BitsAndBytesConfig. sharded:
+    4-bit weights stored for FSDP (bnb_config).
     """
     from transformers import AutoModelForCausalLM
 
@@ -395,12 +475,14 @@ def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant
 
     dtype = resolve_dtype(dtype, device)
     source = resolve_model(model)
-    qcfg = bnb_config(quant, dtype, double_quant)
+    problem = stored_problem(model, quant, double_quant)
+    if problem:
+        raise ValueError(problem)
+    # a stored checkpoint's own quantization_config rules: passing quantization_config=None would override it
+    qkw = {} if stored_quant(model) else {"quantization_config": bnb_config(quant, dtype, double_quant, sharded)}
     tok = load_tokenizer(model, source)
     try:
-        net = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], quantization_config=qcfg, device_map={"": device}
-        )
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], device_map={"": device}, **qkw)
     except OSError as e:
         raise OSError(f"could not load model {model!r} from {source}: {e}") from e
     repack_off = keep_training_layout(net)  # the same 4-bit path on every CPU (helpers/quantized.py)

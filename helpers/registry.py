@@ -43,6 +43,8 @@ EMBEDDED = {
 # load time and memory are those of a real checkpoint. Time, memory and energy depend on shapes, not
 # values; their perplexity (random weights on random tokens) is recorded but is never a quality figure.
 # They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
+# "stored" (optional): the checkpoint is written already quantized with this quant (helpers.models.write_synthetic),
+# for shapes whose 16-bit checkpoint would not fit a GPU machine's disk; a run of it must use that quant.
 SYNTHETIC = {
     "llama-2-7b-shape": {
         "shape_of": "meta-llama/Llama-2-7b-hf",  # 6.74 B parameters, MHA (32 KV heads), 4k context
@@ -84,6 +86,20 @@ SYNTHETIC = {
                        use_sliding_window=False, sliding_window=131072, max_window_layers=28,
                        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643),
     },
+    "llama-3.1-70b-shape": {
+        # 70.6 B parameters, GQA 64/8, 128k vocab (untied), 128k context. Values as in meta-llama/Llama-3.1-70B's
+        # config.json (checked against public copies: oumi's llama3_1 recipe table and a copy of the config file)
+        "shape_of": "meta-llama/Llama-3.1-70B",
+        "config": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+        # written pre-quantized (NF4, double quant, stored in bf16 so FSDP can shard it): ~39 GB on disk where
+        # the bf16 checkpoint would take 141 GB, more than a two-GPU machine's disk. Runs take quant nf4 only.
+        "stored": "nf4",
+    },
     "tiny-llama-shape": {
         "shape_of": "a 2-layer Llama for CPU tests",  # 0.14 M parameters
         "config": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -96,6 +112,11 @@ SYNTHETIC = {
 
 def is_synthetic(model: str) -> bool:
     return model in SYNTHETIC
+
+
+def stored_quant(model: str) -> str | None:
+    """The quant a synthetic checkpoint is written in (None: bf16, quantized at load like any checkpoint)."""
+    return SYNTHETIC.get(model, {}).get("stored")
 
 
 def cache_dir() -> Path:

@@ -1,9 +1,12 @@
 """A run's parameters: validation, id, environment, and its sidecar JSON (written atomically, last)."""
+import functools
 import hashlib
 import json
 import math
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 from .data import RANDOM_CORPUS, check_corpus
@@ -12,7 +15,9 @@ from .sidecars import (  # noqa: F401 - re-exported: the notebook and the sweep 
     ENV_COLUMNS, SIDECAR_VERSION, notebook_problem, progress_path, read_all, read_sidecar, summary_rows, write_sidecar,
     write_summary,
 )
-from .models import DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic
+from .models import (
+    DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic, stored_problem,
+)
 from .levers import LEVERS
 from .levers import config_of as levers_of
 from .levers import problems as lever_problems
@@ -102,6 +107,62 @@ def check_paths(config: dict) -> None:
               "a folder inside the project (relative to its root) or an absolute path; '..' may not leave the project")
 
 
+SHARDED_QUANTS = ("none", "nf4", "fp4")  # int8 weights have no floating storage for FSDP to flatten
+SHARDED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")  # bitsandbytes' 8-bit/paged states are not sharded
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process may use, counted without starting CUDA (torch asks NVML first)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
+
+
+def sharding_problems(config: dict, here: bool = True) -> list[tuple[str, object, str]]:
+    """(name, value, what is allowed) for num_gpus and fsdp_cpu_offload (helpers/sharded.py); [] when the run can go.
+
+    num_gpus > 1 runs that many processes: on GPUs (device auto or cuda: that many must be visible) or, with device
+    cpu, on the CPU (gloo; for tests: no cost figure). here=False skips the count of this machine's GPUs (dry run)."""
+    n, offload = config.get("num_gpus", 1), config.get("fsdp_cpu_offload", False)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return [("num_gpus", n, "a whole number >= 1 (1: one process, no FSDP)")]
+    out = []
+    if not isinstance(offload, bool):
+        out.append(("fsdp_cpu_offload", offload, "True or False"))
+    elif offload and n == 1:
+        out.append(("fsdp_cpu_offload", offload, "False with num_gpus 1 (it offloads FSDP's shards; one process has none)"))
+    if n == 1:
+        return out
+    device = str(config["device"])
+    if here and device != "cpu":
+        have = visible_gpus()
+        if n > have:
+            out.append(("num_gpus", n, f"at most the {have} GPU(s) visible here (CUDA_VISIBLE_DEVICES counted), or "
+                                       "device='cpu' for processes on the CPU"))
+    if device.startswith("cuda:"):
+        out.append(("device", device, "auto or cuda with num_gpus > 1 (process r uses the r-th visible GPU)"))
+    if config["quant"] not in SHARDED_QUANTS:
+        out.append(("quant", config["quant"], f"one of {list(SHARDED_QUANTS)} with num_gpus > 1 (FSDP cannot shard "
+                                              "int8 weights)"))
+    if config["optimizer"] not in SHARDED_OPTIMIZERS:
+        out.append(("optimizer", config["optimizer"], f"one of {list(SHARDED_OPTIMIZERS)} with num_gpus > 1"))
+    for name in (*LEVERS, "eval_every", "fp32_upcast"):
+        if config.get(name):
+            out.append((name, config[name], "off with num_gpus > 1 (not built for sharded runs yet)"))
+    if config.get("stack", "hf") != "hf":
+        out.append(("stack", config["stack"], "'hf' with num_gpus > 1 (the peer runs on one GPU here)"))
+    return out
+
+
+@functools.cache
+def bitsandbytes_problem_elsewhere() -> str | None:
+    """models.bitsandbytes_problem() asked in a child process, so this one never imports bitsandbytes (once per
+    process: a sweep's dry run validates many configurations)."""
+    code = "from helpers.models import bitsandbytes_problem as p; import sys; m = p(); sys.exit(m) if m else None"
+    r = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["bitsandbytes is not usable"])[-1]
+
+
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -118,6 +179,9 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
     c = config
     if types is not None:
         check_types(c, types)
+    sharded = c.get("num_gpus", 1) not in (1, None)
+    if sharded:  # the kernel forks its processes later: ask NVML, not CUDA, whether GPUs exist (sharded.py)
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
     for name, value in c.items():
         if isinstance(value, float):
             _need(math.isfinite(value), name, value, "a finite number")
@@ -132,6 +196,9 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
             f"corpus={c['corpus']!r} does not go with model={c['model']!r}: synthetic models (random weights, "
             f"no tokenizer) train on corpus={RANDOM_CORPUS!r}, and only they do (its perplexity is no quality figure)"
         )
+    stored = stored_problem(c["model"], c["quant"], c["double_quant"])
+    if stored:
+        raise ValueError(stored)
     for name in ("lora_r", "max_steps", "batch_size", "grad_accum"):
         v = c[name]
         _need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, v, "a whole number >= 1")
@@ -162,7 +229,7 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
     if ctx is not None:
         _need(seq <= ctx, "seq_len", seq, f"at most the model's context of {ctx} tokens")
     if c["quant"] != "none" or c["optimizer"] in BNB_OPTIMIZERS:
-        problem = bitsandbytes_problem()
+        problem = bitsandbytes_problem_elsewhere() if sharded else bitsandbytes_problem()
         if problem:
             raise RuntimeError(problem)
     if here and c["vram_budget_gib"] > 0 and not resolve_device(c["device"]).startswith("cuda"):
@@ -177,21 +244,26 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
     on_gpu = resolve_device(c["device"]).startswith("cuda") if here else None
     for name, value, allowed in lever_problems({**levers_of(c), "quant": c["quant"]}, on_gpu):
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
+    for name, value, allowed in sharding_problems(c, here):
+        raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
 
 
 def run_id(config: dict) -> str:
     """Readable and derived from the parameters: the same config always gets the same id."""
     # a parameter added later is not in the id while it is off, so runs recorded before it existed keep their ids
     key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in OFF_NOT_IN_ID and not v)
-           and not (k in DEFAULT_NOT_IN_ID and v == DEFAULT_NOT_IN_ID[k])}
+           and not (k in DEFAULT_NOT_IN_ID and v == DEFAULT_NOT_IN_ID[k] and type(v) is type(DEFAULT_NOT_IN_ID[k]))}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     name = Path(str(config["model"])).name.replace("/", "_")
     stack = "" if config.get("stack", "hf") == "hf" else f"-{config['stack']}"
     return f"{name}-{config['quant']}{stack}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"
 
 
-def environment(device: str) -> dict:
-    """Versions and hardware a reader needs to judge the figures."""
+def environment(device: str, init_cuda: bool = True) -> dict:
+    """Versions and hardware a reader needs to judge the figures.
+
+    init_cuda=False (a sharded run's parent, which must fork before CUDA starts): nothing asked of the GPU; the
+    processes report their GPUs (helpers.sharded.launch)."""
     import importlib.metadata as md
 
     import torch
@@ -207,13 +279,17 @@ def environment(device: str) -> dict:
     env["side_by_side"] = int(os.environ.get("QLORA_STUDY_SIDE_BY_SIDE", "1"))
     env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPU helpers.sweep --devices pinned
     env["cpu_threads"] = torch.get_num_threads()  # torch's intra-op threads (sweep --jobs N shares the cores)
-    if device.startswith("cuda"):
+    if device.startswith("cuda") and not init_cuda:  # the processes fill these in (helpers.sharded.launch)
+        env["device_name"] = env["device_total_gib"] = None
+    elif device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name()
         env["device_total_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
     else:
         env["device_name"] = platform.processor() or platform.machine()
         env["device_total_gib"] = None
-    env.update(machine(device))
+    # init_cuda=False: no GPU query here either (telemetry's NVML reader comes with the Trainer, which imports
+    # bitsandbytes, which starts CUDA); the processes report their GPUs' UUIDs
+    env.update(machine(device if init_cuda else "cpu"))
     return env
 
 
@@ -282,7 +358,7 @@ def start(config: dict) -> dict:
         "device": device,
         "sidecar": str(out / f"{rid}.json"),
         "config": dict(config),
-        "environment": environment(device),
+        "environment": environment(device, init_cuda=config.get("num_gpus", 1) == 1),
         "metrics": {},
         "history": [],
     }

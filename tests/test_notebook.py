@@ -18,7 +18,7 @@ def test_notebook_runs_default_model_and_writes_sidecar(tmp_path):
     [sidecar] = list(out.glob("*.json"))
     r = json.loads(sidecar.read_text())
     assert r["status"] == "ok" and r["error"] is None
-    assert r["config"]["quant"] == "nf4" and r["config"]["lora_r"] == 8 and len(r["config"]) == 34
+    assert r["config"]["quant"] == "nf4" and r["config"]["lora_r"] == 8 and len(r["config"]) == 36
     assert r["config"]["stack"] == "hf" and not [k for k in (*r["metrics"], *r["environment"]) if "unsloth" in k]
     m = r["metrics"]
     for k in ("ppl_before", "ppl_after", "tokens_per_s", "tokens_per_s_window", "peak_rss_gib", "weights_gib", "load_s",

@@ -13,7 +13,7 @@ from tests.conftest import base_config
 # Published parameter counts of the checkpoints whose shapes we copy (from their model cards / safetensors index)
 PUBLISHED_PARAMS = {"llama-2-7b-shape": 6_738_415_616, "mistral-7b-shape": 7_241_732_096,
                     "llama-3.2-1b-shape": 1_235_814_400, "llama-3.1-8b-shape": 8_030_261_248,
-                    "qwen2.5-7b-shape": 7_615_616_512}
+                    "qwen2.5-7b-shape": 7_615_616_512, "llama-3.1-70b-shape": 70_553_706_496}
 
 
 @pytest.fixture

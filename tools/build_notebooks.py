@@ -43,6 +43,7 @@ configuration, each in a fresh kernel so memory figures start clean.
 # --- model --------------------------------------------------------------------------------------
 model: str = "smollm2-135m"    # embedded default (no hub needed), a Hugging Face id 'owner/name', a local folder, or a synthetic
                                # shape (random weights, cost only): llama-2-7b-shape | mistral-7b-shape | llama-3.2-1b-shape | tiny-llama-shape
+                               # | llama-3.1-70b-shape (stored NF4: quant nf4 only)
 quant: str = "nf4"             # none | nf4 | fp4 | int8 -- base weights: none is 16-bit LoRA, the others QLoRA-style
 dtype: str = "auto"            # auto | bfloat16 | float16 | float32 -- base dtype (quant none) and 4-bit compute dtype;
                                # auto: bfloat16 on a GPU, float32 on a CPU (bf16 is emulated, ~25x slower, on many CPUs)
@@ -87,9 +88,11 @@ device: str = "auto"           # auto | cpu | cuda | cuda:N
 # --- output -------------------------------------------------------------------------------------
 output_dir: str = "reports/scratch/runs"  # the sidecar goes here (relative to the project root)
 run_id: str = ""               # empty: derived from the parameters
-# --- several GPUs (FSDP-QLoRA, issue 19; parameters/multi-gpu.yaml) ------------------------------
-num_gpus: int = 1              # processes, one GPU each, that shard the model with FSDP; 1: no FSDP
-fsdp_cpu_offload: bool = False # FSDP keeps the sharded parameters in host memory, each layer on the GPU only when used
+# --- several GPUs (FSDP-QLoRA, helpers/sharded.py; parameters/multi-gpu.yaml) ----------------
+num_gpus: int = 1              # processes, one GPU each, training one model sharded by FSDP (FSDP-QLoRA); 1: one process,
+                               # no FSDP. > 1 needs that many visible GPUs (or device cpu: processes on the CPU, for tests)
+fsdp_cpu_offload: bool = False # num_gpus > 1: parameter shards stay in host memory and reach each GPU a layer at a time
+                               # (Answer.AI's 70B on 2 x 24 GB); slower, less GPU memory
 ''', tags=["parameters"]),
     md("## 1 · Check the configuration\nEvery knob above goes into `config`; a bad value stops here, before anything is loaded or written: "
        "an unknown name, a value of the wrong type (`papermill -p learning_rate abc` gives a str), a number out of range or "
@@ -110,21 +113,31 @@ VRAM budget). Getting the weights (download, GGUF conversion, or writing a synth
 is timed apart from loading them. The VRAM budget (if any) is applied before the first allocation of the model.
 A budget is an *emulation*: torch's allocator is capped on a larger card; weights memory is read right after loading.
 `stack` says whose code loads the model and attaches LoRA (`helpers/peer.py`): ours, or the peer measured beside it;
-everything after that is the same code for both."""),
+everything after that is the same code for both.
+
+With `num_gpus` > 1 this kernel only fetches the weights and the tokenizer: sections 2 and 4–8 run in each of the
+`num_gpus` processes that section 7 starts (`helpers/sharded.py`), and their figures come back after training."""),
     code('''
-from helpers import models, telemetry
-run["metrics"].update(telemetry.gpu_baseline(run["device"]))
-with runs.guard(run), telemetry.phase("fetch", run["metrics"]):
-    models.resolve_model(model)
-with runs.guard(run), telemetry.phase("load", run["metrics"], run["device"]):
-    runs.apply_vram_budget(run)
-    net, tokenizer, info = peer.load_model(stack, model, quant, dtype, double_quant, run["device"], seq_len)
-run["metrics"].update(info)
-from helpers import levers
+from helpers import models, levers
 lever_cfg = levers.config_of(config)
-net = levers.apply_to_base(net, lever_cfg)  # Liger's kernels, if on: before evaluation, so one model throughout
-print(f"{info['params_total']/1e6:.1f} M parameters, weights {info['weights_gib']*1024:.0f} MiB, load {run['metrics']['load_s']:.1f} s"
-      + (" -- synthetic: random weights, cost figures only" if info["synthetic"] else ""))
+if num_gpus > 1:  # no CUDA, bitsandbytes or Trainer (it imports both) in this kernel before its processes start
+    from helpers import sharded
+    with runs.guard(run):
+        tokenizer = sharded.fetch(model, run["metrics"])
+    info = {"synthetic": models.is_synthetic(model), "dtype_resolved": models.resolve_dtype(dtype, run["device"])}
+    print(f"{model}: loaded in each of {num_gpus} processes in section 7")
+else:
+    from helpers import telemetry
+    run["metrics"].update(telemetry.gpu_baseline(run["device"]))
+    with runs.guard(run), telemetry.phase("fetch", run["metrics"]):
+        models.resolve_model(model)
+    with runs.guard(run), telemetry.phase("load", run["metrics"], run["device"]):
+        runs.apply_vram_budget(run)
+        net, tokenizer, info = peer.load_model(stack, model, quant, dtype, double_quant, run["device"], seq_len)
+    run["metrics"].update(info)
+    net = levers.apply_to_base(net, lever_cfg)  # Liger's kernels, if on: before evaluation, so one model throughout
+    print(f"{info['params_total']/1e6:.1f} M parameters, weights {info['weights_gib']*1024:.0f} MiB, load {run['metrics']['load_s']:.1f} s"
+          + (" -- synthetic: random weights, cost figures only" if info["synthetic"] else ""))
 '''),
     md("## 3 · Corpus: split by document, cut into blocks\nNo document is on both sides of the split; every block holds `seq_len` tokens. "
        "A synthetic model trains on `random-tokens`: uniform random token ids (its cost depends on shapes, not text)."),
@@ -136,37 +149,46 @@ print(f"train {len(train_blocks)} blocks, eval {len(eval_blocks_t)} blocks of {s
     md("## 4 · Perplexity before training\nToken-weighted over the held-out blocks: exp(summed NLL / tokens)."),
     code('''
 from helpers.evaluate import perplexity
-with runs.guard(run), telemetry.phase("eval_before", run["metrics"], run["device"]):
-    before = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
-run["metrics"]["ppl_before"] = before["ppl"]
 not_quality = " (synthetic: random weights and tokens -- recorded, not a quality figure)" if info["synthetic"] else ""
-print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{not_quality}")
+if num_gpus > 1:
+    print("scored in each process in section 7")
+else:
+    with runs.guard(run), telemetry.phase("eval_before", run["metrics"], run["device"]):
+        before = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
+    run["metrics"]["ppl_before"] = before["ppl"]
+    print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{not_quality}")
 '''),
     md("## 5 · Attach LoRA\nFreeze the base, add adapters; gradient checkpointing is set up identically in the 16-bit and quantized arms. "
        "Levers that are on (speed and memory, `helpers/levers.py`) are applied here and printed."),
     code('''
-from helpers.train import make_trainer
-from transformers import set_seed
-set_seed(seed)
-with runs.guard(run):  # peft's float32 upcast allocates: an out-of-memory here is a result too
-    net = peer.attach_lora(stack, net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing,
-                           keep_16bit, fp32_upcast=fp32_upcast, seed=seed)
-    net = levers.apply_to_peft(net, lever_cfg)  # tiled MLPs and torch.compile of each decoder layer, if on
 on_levers = {k: v for k, v in lever_cfg.items() if v}
 print(f"stack {stack}, levers: {on_levers or ('none (the plain stack)' if stack == 'hf' else 'none')}")
-run["metrics"]["params_trainable"], _ = models.count_parameters(net)
-print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
+if num_gpus > 1:
+    print("attached in each process in section 7")
+else:
+    from helpers.train import make_trainer
+    from transformers import set_seed
+    set_seed(seed)
+    with runs.guard(run):  # peft's float32 upcast allocates: an out-of-memory here is a result too
+        net = peer.attach_lora(stack, net, quant, lora_r, lora_alpha, lora_dropout, target_modules, gradient_checkpointing,
+                               keep_16bit, fp32_upcast=fp32_upcast, seed=seed)
+        net = levers.apply_to_peft(net, lever_cfg)  # tiled MLPs and torch.compile of each decoder layer, if on
+    run["metrics"]["params_trainable"], _ = models.count_parameters(net)
+    print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
     md("## 6 · Gradients through the quantized weights\nOne small batch through one quantized layer: the gradient "
        "with respect to its input against a float32 reference from the dequantized weight (`helpers/quantized.py`). "
        "A library whose backward is wrong on this CPU or GPU stops the run here, before a wrong number is trained."),
     code('''
-from helpers import quantized
-with runs.guard(run):
-    check = quantized.gradient_check(net)
-run["metrics"]["grad_check_rel_error"], run["metrics"]["grad_check_s"] = check["rel_error"], check["seconds"]
-print(f"gradient check: {check['layer']} relative error {check['rel_error']:.2g} (allowed {check['tolerance']:g}), "
-      f"{check['seconds'] * 1000:.0f} ms" if check["layer"] else "gradient check: no quantized layer (nothing to check)")
+if num_gpus > 1:
+    print("gradient check: not run with num_gpus > 1 (this kernel holds no model)")
+else:
+    from helpers import quantized
+    with runs.guard(run):
+        check = quantized.gradient_check(net)
+    run["metrics"]["grad_check_rel_error"], run["metrics"]["grad_check_s"] = check["rel_error"], check["seconds"]
+    print(f"gradient check: {check['layer']} relative error {check['rel_error']:.2g} (allowed {check['tolerance']:g}), "
+          f"{check['seconds'] * 1000:.0f} ms" if check["layer"] else "gradient check: no quantized layer (nothing to check)")
 '''),
     md("## 7 · Train\nThe Trainer's progress bar shows the step and the time left; each step also rewrites `<run_id>.progress` "
        "beside the sidecar, which a sweep polls to show the step on its own line. "
@@ -174,19 +196,24 @@ print(f"gradient check: {check['layer']} relative error {check['rel_error']:.2g}
        "energy from NVML's counter over the training window on a GPU. Memory peaks: torch (allocated, reserved), NVML "
        "(process, device) and the non-torch part (CUDA context, libraries) that a VRAM budget does not cap."),
     code('''
-steps = telemetry.StepTelemetry(run["device"])  # counts each step's loss tokens as the Trainer fetches its batches
-callbacks = [steps, telemetry.ProgressFile(runs.progress_path(run["sidecar"]))]
-if eval_every:  # held-out perplexity during training; its time and energy are left out of the training figures
-    from helpers.evaluate import held_out_curve
-    callbacks.append(held_out_curve(net, eval_blocks_t, eval_every, steps, batch_size=batch_size * 2))
-trainer = make_trainer(net, train_blocks, device=run["device"], dtype=info["dtype_resolved"], quant=quant, max_steps=max_steps,
-                       batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
-                       warmup_steps=warmup_steps, optimizer=optimizer, seed=seed, callbacks=callbacks, levers=lever_cfg)
-with runs.guard(run, steps), telemetry.phase("train", run["metrics"], run["device"]):
-    trainer.train()
-run["history"] = steps.history
-run["metrics"].update(steps.summary(timing_warmup_steps))
-runs.record_memory(run, steps)
+if num_gpus > 1:  # num_gpus processes load, score, attach, train and score again; their figures come back as one run's
+    with runs.guard(run):
+        sharded.launch(run, train_blocks, eval_blocks_t)
+    print(f"{num_gpus} processes: peak torch reserved per GPU {run['metrics']['peak_reserved_gib_per_gpu']} GiB")
+else:
+    steps = telemetry.StepTelemetry(run["device"])  # counts each step's loss tokens as the Trainer fetches its batches
+    callbacks = [steps, telemetry.ProgressFile(runs.progress_path(run["sidecar"]))]
+    if eval_every:  # held-out perplexity during training; its time and energy are left out of the training figures
+        from helpers.evaluate import held_out_curve
+        callbacks.append(held_out_curve(net, eval_blocks_t, eval_every, steps, batch_size=batch_size * 2))
+    trainer = make_trainer(net, train_blocks, device=run["device"], dtype=info["dtype_resolved"], quant=quant, max_steps=max_steps,
+                           batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,
+                           warmup_steps=warmup_steps, optimizer=optimizer, seed=seed, callbacks=callbacks, levers=lever_cfg)
+    with runs.guard(run, steps), telemetry.phase("train", run["metrics"], run["device"]):
+        trainer.train()
+    run["history"] = steps.history
+    run["metrics"].update(steps.summary(timing_warmup_steps))
+    runs.record_memory(run, steps)
 m = run["metrics"]
 print(f"{m['tokens_per_s']:.0f} tokens/s over the steady steps ({m['tokens_per_s_window']:.0f} over their whole window, "
       f"between-step work included), median step {m['step_time_median_s']:.3f} s")
@@ -196,10 +223,11 @@ if m["peak_reserved_gib"] is not None:
 '''),
     md("## 8 · Perplexity after training"),
     code('''
-with runs.guard(run), telemetry.phase("eval_after", run["metrics"], run["device"]):
-    after = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
-run["metrics"]["ppl_after"] = after["ppl"]
-print(f"perplexity after: {after['ppl']:.3f} (before {before['ppl']:.3f}){not_quality}")
+if num_gpus == 1:
+    with runs.guard(run), telemetry.phase("eval_after", run["metrics"], run["device"]):
+        after = perplexity(net, eval_blocks_t, batch_size=batch_size * 2)
+    run["metrics"]["ppl_after"] = after["ppl"]
+print(f"perplexity after: {run['metrics']['ppl_after']:.3f} (before {run['metrics']['ppl_before']:.3f}){not_quality}")
 '''),
     md("## 9 · Results\nThe sidecar is written last and atomically: a run without one did not finish."),
     code('''
