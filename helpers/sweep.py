@@ -37,10 +37,10 @@ from pathlib import Path
 
 from .kernels import kernel_manager_class
 from .paths import LOCAL_REPORTS, PROJECT_ROOT
+from .sidecars import FINISHED, varying, write_plan
 
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
 SWEEP_KEYS = {"name", "description", "notebook", "base", "grid", "repeats"}
-FINISHED = ("ok", "oom")  # outcomes that are results; error / corrupt / missing are redone
 SIDE_BY_SIDE_ENV = "QLORA_STUDY_SIDE_BY_SIDE"  # how many runs share the device; recorded in every sidecar
 
 
@@ -144,12 +144,6 @@ def expand(sweep: dict) -> list[dict]:
                     seen.add(rid)
                     out.append({**cfg, "run_id": rid})
     return out
-
-
-def varying(configs: list[dict]) -> list[str]:
-    """Parameters whose value differs between runs (what progress lines show)."""
-    keys = [k for k in configs[0] if k not in ("run_id", "output_dir")]
-    return [k for k in keys if len({repr(c[k]) for c in configs}) > 1]
 
 
 def run_state(cfg: dict) -> str:
@@ -607,6 +601,10 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
         raise SweepError(f"another sweep is already running on {sweep['folder']} (lock {lock.lock_file}); "
                          "wait for it to finish or stop it first") from None
     try:
+        try:  # what this sweep file plans, for the analysis to say what is missing (it never reads the sweep file)
+            write_plan(sweep["folder"], path, configs)
+        except OSError as e:
+            raise SweepFault(f"{describe_os_error(e)} (nothing ran)") from e
         t0 = time.perf_counter()
         try:
             if jobs > 1:

@@ -322,6 +322,7 @@ def test_plan_status_counts_the_planned_runs_with_a_result_and_names_what_is_mis
     import pandas as pd
     import yaml
 
+    from helpers.sidecars import write_plan
     from helpers.sweep import expand, load_sweep
 
     spec = {"name": "plan", "base": {"model": "smollm2-135m", "max_steps": 4},
@@ -329,7 +330,9 @@ def test_plan_status_counts_the_planned_runs_with_a_result_and_names_what_is_mis
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(spec))
     folder = tmp_path / "reports" / "plan"
-    ids = {(c["quant"], c["lora_r"], c["seed"]): c["run_id"] for c in expand(load_sweep(path, folder.parent))}
+    configs = expand(load_sweep(path, folder.parent))
+    write_plan(folder, path, configs)  # what helpers.sweep records when the sweep starts: the analysis reads this
+    ids = {(c["quant"], c["lora_r"], c["seed"]): c["run_id"] for c in configs}
     assert len(ids) == 8
     # every none run finished, one nf4 run failed, the other nf4 runs never ran; one run is from an older recipe
     rows = [{"run_id": rid, "status": "ok"} for (q, _, _), rid in ids.items() if q == "none"]
