@@ -15,7 +15,7 @@ from pathlib import Path
 from .files import atomic_write
 from .paths import PUBLISHED_REPORTS, resolve_sweep_dir, shown
 from .report import build_report
-from .sidecars import read_sidecar
+from .sidecars import PLAN_FILE, read_sidecar
 
 
 def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:
@@ -64,6 +64,8 @@ def publish_sweep(folder, dry_run: bool = False, report: bool = True, out=None) 
     for rid, _ in todo:  # the notebook first: a sidecar in place means its run is complete
         for name in (f"{rid}.ipynb", f"{rid}.json"):
             atomic_write(target / "runs" / name, (folder / "runs" / name).read_bytes())
+    if (folder / PLAN_FILE).is_file():  # the plan these runs were made from: the report says what is missing
+        atomic_write(target / PLAN_FILE, (folder / PLAN_FILE).read_bytes())
     if report:
         print(f"report: {build_report(target)}", file=out)
     print(f"published; commit {shown(target)} to make it the reference", file=out)
