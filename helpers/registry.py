@@ -47,6 +47,18 @@ EMBEDDED = {
 # load time and memory are those of a real checkpoint. Time, memory and energy depend on shapes, not
 # values; their perplexity (random weights on random tokens) is recorded but is never a quality figure.
 # They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
+# What every Llama 3 checkpoint's config.json shares (vocabulary, attention heads, context, RoPE, special tokens),
+# and its RoPE scaling, whose factor differs between sizes
+LLAMA3 = dict(model_type="llama", vocab_size=128256, num_attention_heads=32, num_key_value_heads=8,
+              max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
+              eos_token_id=128001)
+
+
+def llama3_rope(factor: float) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+
+
 SYNTHETIC = {
     "llama-2-7b-shape": {
         "shape_of": "meta-llama/Llama-2-7b-hf",  # 6.74 B parameters, MHA (32 KV heads), 4k context
@@ -64,21 +76,13 @@ SYNTHETIC = {
     },
     "llama-3.2-1b-shape": {
         "shape_of": "meta-llama/Llama-3.2-1B",  # 1.24 B parameters, GQA 32/8, tied embeddings, 128k vocab
-        "config": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                       tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+        "config": dict(**LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                       rope_scaling=llama3_rope(32.0), tie_word_embeddings=True),
     },
     "llama-3.1-8b-shape": {
         "shape_of": "meta-llama/Llama-3.1-8B",  # 8.03 B parameters, GQA 32/8, 128k vocab (untied), 128k context
-        "config": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+        "config": dict(**LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+                       rope_scaling=llama3_rope(8.0), tie_word_embeddings=False),
     },
     "qwen2.5-7b-shape": {
         "shape_of": "Qwen/Qwen2.5-7B",  # 7.62 B parameters, GQA 28/4, bias on q/k/v, 152k vocab (untied)

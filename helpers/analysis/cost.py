@@ -9,8 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .rows import (budget_label, by_config, device_words, drawn, finished, machines_note, on_cpu_only, own_costs,
-                   side_by_side, side_by_side_note, vs_16bit)
+from .rows import (budget_label, by_config, device_words, drawn, extremes_words, finished, machines_note, on_cpu_only,
+                   own_costs, side_by_side, side_by_side_note, vs_16bit_words)
 
 STATUS_CODE = {"ok": 0, "oom": 1, "error": 2}
 STATUS_COLOR = {"ok": "#2ca02c", "oom": "#d62728", "error": "#7f7f7f"}
@@ -127,17 +127,11 @@ def memory_takeaway(sel: dict) -> str:
     med, measures = sel["medians"], sel["measures"]
     cover = {c: int(med[c].notna().sum()) for c, _ in measures}
     col, label = [m for m in measures if cover[m[0]] == max(cover.values())][-1]
-    vals = med[col].dropna()
-    lo, hi = vals.idxmin(), vals.idxmax()
-    if lo == hi:
-        line = f"{lo} peaks at {vals[lo]:.2f} GiB ({label})"
-    else:
-        line = (f"{lo} needs the least memory: {vals[lo]:.2f} GiB {label}, "
-                f"{100 * (1 - vals[lo] / vals[hi]):.0f}% below {hi} ({vals[hi]:.2f} GiB)")
-    ratios = vs_16bit(sel["runs"], col)
-    if ratios:
-        line += "; vs 16-bit LoRA in the same configuration: " + ", ".join(
-            f"{q} {100 * (r - 1):+.0f}%" for q, r in ratios.items())
+    v = med[col].dropna()
+    line = extremes_words(v, lambda c: f"{c} peaks at {v[c]:.2f} GiB ({label})",
+                          lambda lo, hi: (f"{lo} needs the least memory: {v[lo]:.2f} GiB {label}, "
+                                          f"{100 * (1 - v[lo] / v[hi]):.0f}% below {hi} ({v[hi]:.2f} GiB)"))
+    line += vs_16bit_words(sel["runs"], col, lambda r: f"{100 * (r - 1):+.0f}%")
     return line + "." + side_by_side_note(sel["runs"])
 
 
@@ -185,18 +179,15 @@ def throughput_takeaway(sel: dict) -> str:
     ok, med = sel["runs"], sel["medians"]
     tps = med["tokens_per_s"].dropna()
     fast, slow = tps.idxmax(), tps.idxmin()
-    if fast == slow:
-        line = f"{fast} trains at {tps[fast]:.1f} tokens/s"
-    else:
-        line = f"{fast} is fastest at {tps[fast]:.1f} tokens/s, {tps[fast] / tps[slow]:.2f}x {slow} ({tps[slow]:.1f} tokens/s)"
+    line = extremes_words(tps, lambda c: f"{c} trains at {tps[c]:.1f} tokens/s",
+                          lambda slow, fast: (f"{fast} is fastest at {tps[fast]:.1f} tokens/s, "
+                                              f"{tps[fast] / tps[slow]:.2f}x {slow} ({tps[slow]:.1f} tokens/s)"))
     window = by_config(ok, ["tokens_per_s_window"])["tokens_per_s_window"].reindex(tps.index) \
         if ok["tokens_per_s_window"].notna().any() else None
     if window is not None and window.notna().all():  # runs recorded before the window was: not shown
         line += (f" (over the whole window, between-step work included: {window[fast]:.1f}"
                  + (f" and {window[slow]:.1f}" if fast != slow else "") + " tokens/s)")
-    ratios = vs_16bit(ok, "tokens_per_s")
-    if ratios:
-        line += "; speed vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {r:.2f}x" for q, r in ratios.items())
+    line += vs_16bit_words(ok, "tokens_per_s", lambda r: f"{r:.2f}x", what="speed ")
     if "train_s" in med.columns and med["train_s"].notna().any():
         t = med["train_s"].dropna()
         line += f"; training took {t.min():.0f}–{t.max():.0f} s" if len(t) > 1 else f"; training took {t.iloc[0]:.0f} s"
@@ -240,15 +231,10 @@ def energy_figure(sel: dict) -> go.Figure:
 
 def energy_takeaway(sel: dict) -> str:
     med = sel["medians"]
-    lo, hi = med.idxmin(), med.idxmax()
-    if lo == hi:
-        line = f"{lo} uses {med[lo]:.1f} J per 1k tokens"
-    else:
-        line = (f"{lo} uses the least energy: {med[lo]:.1f} J per 1k tokens, "
-                f"{med[hi] / med[lo]:.2f}x less than {hi} ({med[hi]:.1f} J)")
-    ratios = vs_16bit(sel["runs"], "energy_j_per_1k_tokens")
-    if ratios:
-        line += "; vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {r:.2f}x" for q, r in ratios.items())
+    line = extremes_words(med, lambda c: f"{c} uses {med[c]:.1f} J per 1k tokens",
+                          lambda lo, hi: (f"{lo} uses the least energy: {med[lo]:.1f} J per 1k tokens, "
+                                          f"{med[hi] / med[lo]:.2f}x less than {hi} ({med[hi]:.1f} J)"))
+    line += vs_16bit_words(sel["runs"], "energy_j_per_1k_tokens", lambda r: f"{r:.2f}x")
     if "nvml_power_sampled" in sel["sources"]:
         line += "; some runs' energy is sampled power x step time, not the counter"
     if sel["without"]:

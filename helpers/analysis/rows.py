@@ -60,6 +60,21 @@ def vs_16bit(rows: pd.DataFrame, col: str) -> dict:
     return out
 
 
+def vs_16bit_words(rows: pd.DataFrame, col: str, fmt, what: str = "") -> str:
+    """'; <what>vs 16-bit LoRA in the same configuration: nf4 0.80x, ...' (fmt(ratio) per quant), '' without ratios."""
+    ratios = vs_16bit(rows, col)
+    if not ratios:
+        return ""
+    return f"; {what}vs 16-bit LoRA in the same configuration: " + ", ".join(f"{q} {fmt(r)}" for q, r in ratios.items())
+
+
+def extremes_words(vals: pd.Series, one, least) -> str:
+    """A takeaway's opening over medians per configuration: one(label) where a single configuration has the lowest
+    and the highest value, else least(lowest label, highest label)."""
+    lo, hi = vals.idxmin(), vals.idxmax()
+    return one(lo) if lo == hi else least(lo, hi)
+
+
 def device_words(summary: pd.DataFrame) -> str:
     devs = sorted({str(d) for d in summary["env_device"].dropna()})
     return ", ".join(devs) if devs else "an unknown device"
