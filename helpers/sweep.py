@@ -37,7 +37,8 @@ from pathlib import Path
 
 from .kernels import kernel_manager_class
 from .paths import LOCAL_REPORTS, PROJECT_ROOT
-from .sidecars import FINISHED, varying, write_plan
+from .report import build_report
+from .sidecars import FINISHED, varying, write_plan, write_summary
 
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
 SWEEP_KEYS = {"name", "description", "notebook", "base", "grid", "repeats"}
@@ -552,8 +553,6 @@ def _done(states: dict) -> int:
 
 
 def _summary_best_effort(folder) -> Path | None:
-    from .runs import write_summary
-
     try:
         return write_summary(folder)
     except OSError:
@@ -575,7 +574,7 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
     out = out or sys.stdout
     sweep = load_sweep(path, reports_root)
     configs = expand(sweep)
-    from .runs import validate, write_summary
+    from .runs import validate
 
     types = {k: p["type"] for k, p in sweep["params"].items()}
     for cfg in configs:  # every configuration is checked before the first one runs
@@ -638,10 +637,8 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
         if report:
             import papermill
 
-            from .report import build_report
-
             try:
-                html = build_report(sweep["folder"])
+                html = build_report(sweep["folder"], summary=False)  # summary.csv: written just above, once
             except papermill.PapermillExecutionError as e:
                 raise ReportError(f"the report's analysis notebook failed ({e.ename}: {e.evalue}); its executed copy "
                                   f"is {sweep['folder'] / 'analysis.failed.ipynb'}") from e

@@ -119,3 +119,22 @@ def test_cost_quality_labels_only_the_front_and_names_every_point_on_hover(tmp_p
     points = fig.data[0]
     assert list(points.customdata) == list(sel["medians"].index)  # hover names every configuration
     assert [t for t in points.text if t] == sel["fronts"]["train_s"]
+
+
+def test_a_sweep_writes_summary_csv_once_and_its_report_reads_the_same_runs(tmp_path, monkeypatch):
+    from helpers import report
+
+    spec = {"name": "once", "base": {"max_steps": 4}, "grid": {"quant": ["none"], "lora_r": [4]}}
+    path = tmp_path / "once.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    writes = []
+    real = sidecars.write_summary
+    monkeypatch.setattr(sweep, "write_summary", lambda folder: writes.append("sweep") or real(folder))
+    monkeypatch.setattr(report, "write_summary", lambda folder: writes.append("report") or real(folder))
+    monkeypatch.setattr(sweep, "_run_one_at_a_time", lambda sw, *a: (sw["folder"] / "runs").mkdir())
+    monkeypatch.setattr(report, "execute_into", lambda nb, dest, *a, **k: dest.write_text("{}"))
+    monkeypatch.setattr(report, "export_html", lambda nb, html, **k: html)
+    sweep.run_sweep(path, reports_root=tmp_path / "reports", out=open("/dev/null", "w"))
+    assert writes == ["sweep"]
+    report.build_report(tmp_path / "reports" / "once")  # a report rebuilt on its own writes it itself
+    assert writes == ["sweep", "report"]
