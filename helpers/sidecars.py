@@ -104,6 +104,22 @@ def write_summary(folder) -> Path:
     return atomic_write(folder / "summary.csv", df.to_csv(index=False))
 
 
+# How an out-of-memory reads: torch's OutOfMemoryError by its name, the CUDA runtime ("CUDA error: out of memory";
+# bitsandbytes' native code prints "Error out of memory at line ..."), cuBLAS failing to get its workspace, the
+# driver API, and the host allocator ("DefaultCPUAllocator: not enough memory").
+OOM_PATTERNS = ("out of memory", "cublas_status_alloc_failed", "cudaerrormemoryallocation",
+                "cuda_error_out_of_memory", "not enough memory", "outofmemoryerror")
+
+
+def is_oom(e) -> bool:
+    """An exception (or an error text, e.g. a dead kernel's output) that says memory ran out: the outcome is oom,
+    a result, not error. torch.OutOfMemoryError is told by its name ('OutOfMemoryError: ...'), so no torch import."""
+    if isinstance(e, MemoryError):
+        return True
+    text = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
+    return any(p in text.lower() for p in OOM_PATTERNS)
+
+
 # --- the plan: which runs a sweep file plans, recorded by the sweep when it starts ----------------------------
 
 def varying(configs: list[dict]) -> list[str]:

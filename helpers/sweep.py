@@ -38,7 +38,9 @@ from pathlib import Path
 from .kernels import kernel_manager_class
 from .paths import LOCAL_REPORTS, PROJECT_ROOT
 from .report import build_report
-from .sidecars import FINISHED, varying, write_plan, write_summary
+from .params import run_id, type_problem
+from .sidecars import (FINISHED, is_oom, notebook_problem, progress_path, read_sidecar, varying, write_plan,
+                       write_sidecar, write_summary)
 
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
 SWEEP_KEYS = {"name", "description", "notebook", "base", "grid", "repeats"}
@@ -70,8 +72,6 @@ RUNNER_KEYS = {"seed": "use repeats (seeds 0..repeats-1)",
 
 
 def _check_value(where: str, key: str, value, params: dict) -> None:
-    from .runs import type_problem
-
     if key not in params:
         raise SweepError(f"{where}: unknown parameter {key!r}; the notebook's parameters are {sorted(params)}")
     if key in RUNNER_KEYS:
@@ -130,8 +130,6 @@ def load_sweep(path, reports_root=None) -> dict:
 
 def expand(sweep: dict) -> list[dict]:
     """Union of the cartesian products of the grid(s), times seeds 0..repeats-1; duplicates dropped."""
-    from .runs import run_id
-
     defaults = {k: p["default"] for k, p in sweep["params"].items()}
     out, seen = [], set()
     for g in sweep["grids"]:
@@ -152,8 +150,6 @@ def run_state(cfg: dict) -> str:
 
     incomplete: the sidecar says ok or oom but the executed notebook does not read back whole (a full disk
     cut it): not a result, so a re-run redoes it."""
-    from .runs import notebook_problem, read_sidecar
-
     path = Path(cfg["output_dir"]) / f"{cfg['run_id']}.json"
     if not path.exists():
         return "missing"
@@ -186,8 +182,6 @@ def _record(cfg: dict, status: str, text: str, metrics: dict | None = None) -> s
     """Write the run's sidecar as `status` with `text` as its error, keeping what the notebook had recorded
     (measurements, history, environment) if its own sidecar reads. If even that write fails, the sidecar is
     removed, so the run is redone on a re-run, and the OSError is raised (the sweep stops)."""
-    from .runs import read_sidecar, write_sidecar
-
     path = Path(cfg["output_dir"]) / f"{cfg['run_id']}.json"
     try:
         record = read_sidecar(path)
@@ -208,8 +202,6 @@ def _record(cfg: dict, status: str, text: str, metrics: dict | None = None) -> s
 
 def _record_failure(cfg: dict, e: BaseException) -> str:
     """The notebook failed without writing its own sidecar (e.g. a crash outside a guarded step)."""
-    from .runs import is_oom
-
     text = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
     return _record(cfg, "oom" if is_oom(text) else "error", text)
 
@@ -382,8 +374,6 @@ def execute(sweep: dict, cfg: dict, say=None) -> str:
     for want of space or permission is recorded as an error if it can be, then raised (the sweep stops).
     `say` gets progress lines while the run trains (KernelWatch)."""
     import papermill
-
-    from .runs import is_oom, notebook_problem, progress_path, read_sidecar
 
     folder = Path(cfg["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
