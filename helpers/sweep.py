@@ -145,6 +145,13 @@ def expand(sweep: dict) -> list[dict]:
     return out
 
 
+def record_plan(path, reports_root=None) -> Path:
+    """Write a sweep file's plan record (plan.json) into its folder and run nothing: for a folder filled before
+    sweeps recorded their plan (run_sweep writes it itself when it starts). Returns the record's path."""
+    sweep = load_sweep(path, reports_root)
+    return write_plan(sweep["folder"], path, expand(sweep))
+
+
 def run_state(cfg: dict) -> str:
     """ok | oom | error | unfinished | corrupt | incomplete | missing, from the run's sidecar and notebook.
 

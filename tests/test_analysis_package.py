@@ -138,3 +138,17 @@ def test_a_sweep_writes_summary_csv_once_and_its_report_reads_the_same_runs(tmp_
     assert writes == ["sweep"]
     report.build_report(tmp_path / "reports" / "once")  # a report rebuilt on its own writes it itself
     assert writes == ["sweep", "report"]
+
+
+def test_record_plan_gives_a_folder_filled_before_plans_its_plan_without_running(tmp_path):
+    spec = {"name": "late", "base": {"max_steps": 4}, "grid": {"quant": ["none", "nf4"], "lora_r": [4]}}
+    path = tmp_path / "late.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "reports" / "late"
+    write_run(folder, fake_record(False, quant="none", lora_r=4, max_steps=4, output_dir=str(folder / "runs")))
+    summary, _ = analysis.load_sweep(folder)
+    assert analysis.plan_status(folder, summary) == analysis.NO_PLAN
+    sweep.record_plan(path, tmp_path / "reports")
+    assert not list((folder / "runs").glob("*nf4*"))  # nothing ran
+    line = analysis.plan_status(folder, summary)
+    assert "**1 of the 2 runs that" in line and "still to run: quant=nf4 (1)" in line
