@@ -152,3 +152,17 @@ def test_record_plan_gives_a_folder_filled_before_plans_its_plan_without_running
     assert not list((folder / "runs").glob("*nf4*"))  # nothing ran
     line = analysis.plan_status(folder, summary)
     assert "**1 of the 2 runs that" in line and "still to run: quant=nf4 (1)" in line
+
+
+def test_a_loss_chart_of_many_configurations_opens_on_one_quantization(tmp_path):
+    folder = tmp_path / "many"
+    for q in ("none", "nf4"):
+        for r in (4, 8, 16, 32, 64):
+            for seed in range(2):
+                write_run(folder, fake_record(False, quant=q, lora_r=r, seed=seed))
+    _, history = analysis.load_sweep(folder)
+    fig = analysis.loss_curves(history)[0]
+    visible = [t for t in fig.data if t.visible is not False]
+    assert len(visible) == 10 and {t.meta for t in visible} == {"none"}  # five means and five bands of 16-bit
+    assert fig.layout.updatemenus[0].active == 1  # the menu shows 'quant none'
+    assert fig.layout.updatemenus[0].buttons[0].label == "all quantizations"  # one click from every mean

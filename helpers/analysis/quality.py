@@ -117,21 +117,25 @@ def loss_bands(sel: dict) -> list[dict]:
     return out
 
 
+MANY_CURVES = 8  # more configurations than this: the loss chart opens on one quantization's
+
+
 def loss_figure(sel: dict) -> go.Figure:
     """The mean loss per configuration with a band from its lowest to its highest run; single runs (seeds) hidden
-    until picked. Two menus: one quantization's means, or the single runs (all, or one quantization's)."""
+    until picked. Two menus: one quantization's means, or the single runs (all, or one quantization's). Over
+    MANY_CURVES configurations it opens on the first quantization's (the menu says which)."""
     fig, kinds, quants = go.Figure(), [], []
     for i, b in enumerate(loss_bands(sel)):
         color = PALETTE[i % len(PALETTE)]
         steps = list(b["mean"].index)
         if b["n"] > 1:
             fig.add_trace(go.Scatter(x=steps + steps[::-1], y=list(b["hi"]) + list(b["lo"])[::-1], fill="toself",
-                                     fillcolor=color, opacity=0.2, line=dict(width=0), hoverinfo="skip",
+                                     fillcolor=color, opacity=0.15, line=dict(width=0), hoverinfo="skip",
                                      legendgroup=b["group"], showlegend=False, meta=b["quant"],
                                      name=f"{b['group']} (lowest to highest of {b['n']} runs)"))
             kinds.append("mean")
             quants.append(b["quant"])
-        fig.add_trace(go.Scatter(x=steps, y=list(b["mean"]), mode="lines+markers", line=dict(color=color),
+        fig.add_trace(go.Scatter(x=steps, y=list(b["mean"]), mode="lines", line=dict(color=color, width=1.5),
                                  name=b["group"] + (f" (mean of {b['n']})" if b["n"] > 1 else ""),
                                  legendgroup=b["group"], meta=b["quant"],
                                  hovertemplate=f"{b['group']}<br>step %{{x}}<br>mean loss %{{y:.3f}}<extra></extra>"))
@@ -150,12 +154,22 @@ def loss_figure(sel: dict) -> go.Figure:
     means += [dict(label=f"quant {q}", method="restyle", args=show("mean", q)) for q in order]
     singles = [dict(label="single runs: all", method="restyle", args=show("run"))]
     singles += [dict(label=f"single runs: quant {q}", method="restyle", args=show("run", q)) for q in order]
+    start = 0  # a sweep of many configurations opens on its first quantization: 20 noisy curves at once are a tangle
+    if sum(k == "mean" for k in kinds) > 2 * MANY_CURVES and len(order) > 1:
+        start = 1
+        for trace, visible in zip(fig.data, show("mean", order[0])[0]["visible"]):
+            trace.visible = visible
     fig.update_layout(
         title="Training loss per step: mean per configuration, band from its lowest to its highest run",
         xaxis_title="step", yaxis_title="loss", height=520,
-        updatemenus=[dict(buttons=means, direction="down", x=0.62, xanchor="right", y=1.15, yanchor="top"),
-                     dict(buttons=singles, direction="down", x=1.0, xanchor="right", y=1.15, yanchor="top",
-                          active=-1, showactive=True)])
+        updatemenus=[dict(buttons=means, active=start, direction="down", x=0.45, xanchor="left", y=1.13,
+                          yanchor="top"),
+                     dict(buttons=singles, direction="down", x=1.0, xanchor="right", y=1.13, yanchor="top",
+                          active=-1, showactive=True)],
+        annotations=[dict(text="means and bands:", x=0.45, xref="paper", xanchor="right", y=1.11, yref="paper",
+                          showarrow=False),
+                     dict(text="or single runs:", x=0.78, xref="paper", xanchor="right", y=1.11, yref="paper",
+                          showarrow=False)])
     return fig
 
 
