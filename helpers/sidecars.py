@@ -135,8 +135,8 @@ def write_plan(folder, sweep_file, configs: list[dict]) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     record = {"plan_version": PLAN_VERSION, "sweep_file": str(shown(sweep_file)), "varying": varying(configs),
-              "runs": [{"run_id": c["run_id"], "config": {k: v for k, v in c.items() if k not in ("run_id", "output_dir")}}
-                       for c in configs]}
+              "runs": [{"run_id": c["run_id"],
+                        "config": {k: v for k, v in c.items() if k not in ("run_id", "output_dir")}} for c in configs]}
     return atomic_write(folder / PLAN_FILE, lambda f: json.dump(_clean(record), f, indent=1, allow_nan=False))
 
 

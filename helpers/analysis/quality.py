@@ -2,6 +2,8 @@
 quality). Each chart is `<chart>_rows`, `<chart>_figure` and `<chart>_takeaway`, joined by `<chart>(...)`.
 Synthetic runs (random weights) are left out of every quality figure, and the charts say how many.
 """
+import math
+
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -97,8 +99,10 @@ def loss_rows(history: pd.DataFrame):
         status = g["status"].iloc[0] if "status" in g.columns else "ok"
         if status != "ok":
             name += f" ({status})"
+        rank = pd.to_numeric(g["lora_r"], errors="coerce").iloc[0] if "lora_r" in g.columns else math.nan
         runs.append({"run_id": run_id, "name": name, "group": group, "quant": str(g["quant"].iloc[0]),
-                     "steps": g[["step", "loss"]], "judged": run_id in judged})
+                     "lora_r": math.inf if pd.isna(rank) else float(rank), "steps": g[["step", "loss"]],
+                     "judged": run_id in judged})
     return {"runs": runs, "note": note}
 
 
@@ -106,8 +110,9 @@ def loss_bands(sel: dict) -> list[dict]:
     """Per group (configuration): its quant, and per step the mean, lowest and highest loss over the group's judged
     runs (finished ones; all its runs where none finished), with how many runs that is."""
     groups = {}
-    for r in sel["runs"]:
-        groups.setdefault(r["group"], []).append(r)
+    quant_rank = {q: i for i, q in enumerate(QUANT_ORDER)}
+    for r in sorted(sel["runs"], key=lambda r: (quant_rank.get(r["quant"], len(QUANT_ORDER)), r["lora_r"], r["group"])):
+        groups.setdefault(r["group"], []).append(r)  # in reading order: 16-bit first, then by rank
     out = []
     for name, rs in groups.items():
         use = [r for r in rs if r["judged"]] or rs
@@ -277,7 +282,9 @@ def cost_quality_rows(summary: pd.DataFrame):
         why = "every run shared the device, so no training time or energy is a run's own" if shared_note else why
         return f"No cost-quality chart: {why}.{note}{shared_note}"
     med = by_config(rows, ["train_s", "energy_j", "ppl_after"])
-    axes = [("train_s", "training time, s")] + ([("energy_j", "training energy, J")] if med["energy_j"].notna().any() else [])
+    axes = [("train_s", "training time, s")]
+    if med["energy_j"].notna().any():
+        axes.append(("energy_j", "training energy, J"))
     fronts = {col: pareto_front(med.loc[med[col].notna(), col], med.loc[med[col].notna(), "ppl_after"])
               for col, _ in axes}
     return {"runs": rows, "medians": med, "axes": axes, "fronts": fronts, "note": note, "shared_note": shared_note}
