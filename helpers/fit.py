@@ -65,6 +65,7 @@ import sys
 from pathlib import Path
 
 from . import registry
+from .sidecars import read_sidecar
 
 GIB = 2**30
 
@@ -389,11 +390,14 @@ def measured_runs(reports: str | Path = "reports") -> list[dict]:
     root = Path(reports)
     rows = []
     for f in sorted(root.glob("*/runs/**/*.json")):
-        d = json.loads(f.read_text())
+        try:
+            d = read_sidecar(f)
+        except ValueError:  # not a run record (or a broken one): nothing measured to check against
+            continue
         # a run that ran out of memory outside the notebook's guarded steps has its record from the sweep, which
         # does not know the device; CUDA's own error text says where it ran
         on_cuda = d.get("device") == "cuda" or "CUDA out of memory" in (d.get("error") or "")
-        if not on_cuda or "config" not in d:
+        if not on_cuda:
             continue
         m, conf = d.get("metrics", {}), d["config"]
         cfg = {k: conf[k] for k in DEFAULTS if k in conf}

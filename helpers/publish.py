@@ -15,9 +15,9 @@ from pathlib import Path
 from .files import atomic_write
 from .paths import PUBLISHED_REPORTS, resolve_sweep_dir, shown
 from .report import build_report
-from .sidecars import read_sidecar
+from .sidecars import PLAN_FILE, read_sidecar
 
-FINISHED = ("ok", "oom", "error")  # results, failures included; 'unfinished' (interrupted) is not one
+PUBLISHABLE = ("ok", "oom", "error")  # results, failures included; 'unfinished' (interrupted) is not one
 
 
 def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:
@@ -33,7 +33,7 @@ def plan(folder) -> tuple[Path, list[tuple[str, str]], list[str]]:
         except ValueError as e:
             left_out.append(f"{sidecar.stem} ({e})")
             continue
-        if status not in FINISHED:  # interrupted: not a result (the sweep redoes it), so not a reference either
+        if status not in PUBLISHABLE:  # interrupted: not a result (the sweep redoes it), so not a reference either
             left_out.append(f"{sidecar.stem} (status {status}: the run did not finish; re-run the sweep to redo it)")
             continue
         if not sidecar.with_suffix(".ipynb").is_file():
@@ -69,6 +69,8 @@ def publish_sweep(folder, dry_run: bool = False, report: bool = True, out=None) 
     for rid, _ in todo:  # the notebook first: a sidecar in place means its run is complete
         for name in (f"{rid}.ipynb", f"{rid}.json"):
             atomic_write(target / "runs" / name, (folder / "runs" / name).read_bytes())
+    if (folder / PLAN_FILE).is_file():  # the plan these runs were made from: the report says what is missing
+        atomic_write(target / PLAN_FILE, (folder / PLAN_FILE).read_bytes())
     if report:
         print(f"report: {build_report(target)}", file=out)
     print(f"published; commit {shown(target)} to make it the reference", file=out)

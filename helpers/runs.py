@@ -1,7 +1,8 @@
-"""A run's parameters: validation, id, environment, and its sidecar JSON (written atomically, last)."""
+"""A run's lifecycle in the training notebook: its parameters validated against this machine, its environment, the
+VRAM budget, memory figures, and its sidecar (written atomically, last, also on a failure: guard). The run id and
+type checks are helpers.params', the record format and the out-of-memory test helpers.sidecars' (re-exported here,
+where the notebook and the sweep know them)."""
 import functools
-import hashlib
-import json
 import math
 import os
 import platform
@@ -11,9 +12,10 @@ from pathlib import Path
 
 from .data import RANDOM_CORPUS, check_corpus
 from .paths import PROJECT_ROOT
+from .params import NOT_IN_ID, OFF_NOT_IN_ID, check_types, run_id, type_problem  # noqa: F401 - known from here too
 from .sidecars import (  # noqa: F401 - re-exported: the notebook and the sweep know them from here
-    ENV_COLUMNS, SIDECAR_VERSION, notebook_problem, progress_path, read_all, read_sidecar, summary_rows, write_sidecar,
-    write_summary,
+    ENV_COLUMNS, OOM_PATTERNS, SIDECAR_VERSION, is_oom, notebook_problem, progress_path, read_all, read_sidecar,
+    summary_rows, write_sidecar, write_summary,
 )
 from .models import (
     DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic, stored_problem,
@@ -23,13 +25,6 @@ from .levers import config_of as levers_of
 from .levers import problems as lever_problems
 from .peer import problems as stack_problems
 from .train import BNB_OPTIMIZERS, OPTIMIZERS
-
-# Parameters that say where results go, not what is measured: left out of the run id.
-NOT_IN_ID = ("output_dir", "run_id")
-OFF_NOT_IN_ID = (*LEVERS, "eval_every", "fp32_upcast", "fsdp_cpu_offload")  # added after the first runs were recorded:
-# in the id only when on
-DEFAULT_NOT_IN_ID = {"stack": "hf", "num_gpus": 1}  # the same, for settings whose default is not off: in the id only
-# when not this
 
 
 def resolve_device(device: str) -> str:
@@ -43,31 +38,6 @@ def resolve_device(device: str) -> str:
 def _need(cond: bool, name: str, value, allowed: str) -> None:
     if not cond:
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
-
-
-def type_problem(name: str, value, want: type) -> str | None:
-    """Why `value` is not of the parameter's declared type (None if it is). An int is a fine float; a bool
-    is no int. papermill's `-p learning_rate abc` arrives as the str 'abc' and is refused here."""
-    ok = isinstance(value, want) and not (want is not bool and isinstance(value, bool))
-    if want is float and isinstance(value, int) and not isinstance(value, bool):
-        ok = True  # 16 is a fine float
-    if ok:
-        return None
-    return f"{name}={value!r} is a {type(value).__name__}, the notebook expects {want.__name__}"
-
-
-def check_types(config: dict, types: dict) -> None:
-    """Every key a parameter of the notebook ({name: type}, e.g. its parameters cell's __annotations__), every
-    parameter present, every value of its type."""
-    unknown = sorted(set(config) - set(types))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}; the notebook's parameters are {sorted(types)}")
-    for name, want in types.items():
-        if name not in config:
-            raise ValueError(f"{name} has no value (None is not a value): the notebook expects a {want.__name__}")
-        problem = type_problem(name, config[name], want)
-        if problem:
-            raise ValueError(problem)
 
 
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N (N a GPU index)"
@@ -196,7 +166,7 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
             f"corpus={c['corpus']!r} does not go with model={c['model']!r}: synthetic models (random weights, "
             f"no tokenizer) train on corpus={RANDOM_CORPUS!r}, and only they do (its perplexity is no quality figure)"
         )
-    stored = stored_problem(c["model"], c["quant"], c["double_quant"])
+    stored = stored_problem(c["model"], c["quant"], c.get("double_quant", True))
     if stored:
         raise ValueError(stored)
     for name in ("lora_r", "max_steps", "batch_size", "grad_accum"):
@@ -246,17 +216,6 @@ def validate(config: dict, here: bool = True, types: dict | None = None) -> None
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
     for name, value, allowed in sharding_problems(c, here):
         raise ValueError(f"{name}={value!r} is not allowed: {allowed}")
-
-
-def run_id(config: dict) -> str:
-    """Readable and derived from the parameters: the same config always gets the same id."""
-    # a parameter added later is not in the id while it is off, so runs recorded before it existed keep their ids
-    key = {k: v for k, v in sorted(config.items()) if k not in NOT_IN_ID and not (k in OFF_NOT_IN_ID and not v)
-           and not (k in DEFAULT_NOT_IN_ID and v == DEFAULT_NOT_IN_ID[k] and type(v) is type(DEFAULT_NOT_IN_ID[k]))}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    name = Path(str(config["model"])).name.replace("/", "_")
-    stack = "" if config.get("stack", "hf") == "hf" else f"-{config['stack']}"
-    return f"{name}-{config['quant']}{stack}-r{config['lora_r']}-s{config['seq_len']}-seed{config['seed']}-{digest}"
 
 
 def environment(device: str, init_cuda: bool = True) -> dict:
@@ -387,23 +346,6 @@ def apply_vram_budget(run: dict) -> None:
                          "use a smaller budget, or 0 for the whole card")
     torch.cuda.set_per_process_memory_fraction(budget * 2**30 / total)
     run["metrics"]["vram_budget_note"] = BUDGET_NOTE
-
-
-# How an out-of-memory reads when it is not a torch.OutOfMemoryError: the CUDA runtime ("CUDA error: out of
-# memory"; bitsandbytes' native code prints "Error out of memory at line ..."), cuBLAS failing to get its
-# workspace, the driver API, and the host allocator ("DefaultCPUAllocator: not enough memory").
-OOM_PATTERNS = ("out of memory", "cublas_status_alloc_failed", "cudaerrormemoryallocation",
-                "cuda_error_out_of_memory", "not enough memory", "outofmemoryerror")
-
-
-def is_oom(e) -> bool:
-    """An exception (or an error text, e.g. a dead kernel's output) that says memory ran out."""
-    import torch
-
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
-    return any(p in text.lower() for p in OOM_PATTERNS)
 
 
 def record_memory(run: dict, steps=None) -> None:

@@ -51,10 +51,13 @@ from pathlib import Path
 from . import cluster
 from .kernels import kernel_manager_class
 from .paths import LOCAL_REPORTS, PROJECT_ROOT
+from .report import build_report
+from .params import run_id, type_problem
+from .sidecars import (FINISHED, is_oom, notebook_problem, progress_path, read_sidecar, varying, write_plan,
+                       write_sidecar, write_summary)
 
 TRAIN_NOTEBOOK = PROJECT_ROOT / "notebooks" / "01_train.ipynb"
 SWEEP_KEYS = {"name", "description", "notebook", "base", "grid", "repeats"}
-FINISHED = ("ok", "oom")  # outcomes that are results; error / corrupt / missing are redone
 SIDE_BY_SIDE_ENV = "QLORA_STUDY_SIDE_BY_SIDE"  # how many runs share the device; recorded in every sidecar
 
 
@@ -83,8 +86,6 @@ RUNNER_KEYS = {"seed": "use repeats (seeds 0..repeats-1)",
 
 
 def _check_value(where: str, key: str, value, params: dict) -> None:
-    from .runs import type_problem
-
     if key not in params:
         raise SweepError(f"{where}: unknown parameter {key!r}; the notebook's parameters are {sorted(params)}")
     if key in RUNNER_KEYS:
@@ -143,8 +144,6 @@ def load_sweep(path, reports_root=None) -> dict:
 
 def expand(sweep: dict) -> list[dict]:
     """Union of the cartesian products of the grid(s), times seeds 0..repeats-1; duplicates dropped."""
-    from .runs import run_id
-
     defaults = {k: p["default"] for k, p in sweep["params"].items()}
     out, seen = [], set()
     for g in sweep["grids"]:
@@ -160,10 +159,11 @@ def expand(sweep: dict) -> list[dict]:
     return out
 
 
-def varying(configs: list[dict]) -> list[str]:
-    """Parameters whose value differs between runs (what progress lines show)."""
-    keys = [k for k in configs[0] if k not in ("run_id", "output_dir")]
-    return [k for k in keys if len({repr(c[k]) for c in configs}) > 1]
+def record_plan(path, reports_root=None) -> Path:
+    """Write a sweep file's plan record (plan.json) into its folder and run nothing: for a folder filled before
+    sweeps recorded their plan (run_sweep writes it itself when it starts). Returns the record's path."""
+    sweep = load_sweep(path, reports_root)
+    return write_plan(sweep["folder"], path, expand(sweep))
 
 
 def run_state(cfg: dict) -> str:
@@ -171,8 +171,6 @@ def run_state(cfg: dict) -> str:
 
     incomplete: the sidecar says ok or oom but the executed notebook does not read back whole (a full disk
     cut it): not a result, so a re-run redoes it."""
-    from .runs import notebook_problem, read_sidecar
-
     path = Path(cfg["output_dir"]) / f"{cfg['run_id']}.json"
     if not path.exists():
         return "missing"
@@ -205,8 +203,6 @@ def _record(cfg: dict, status: str, text: str, metrics: dict | None = None) -> s
     """Write the run's sidecar as `status` with `text` as its error, keeping what the notebook had recorded
     (measurements, history, environment) if its own sidecar reads. If even that write fails, the sidecar is
     removed, so the run is redone on a re-run, and the OSError is raised (the sweep stops)."""
-    from .runs import read_sidecar, write_sidecar
-
     path = Path(cfg["output_dir"]) / f"{cfg['run_id']}.json"
     try:
         record = read_sidecar(path)
@@ -227,8 +223,6 @@ def _record(cfg: dict, status: str, text: str, metrics: dict | None = None) -> s
 
 def _record_failure(cfg: dict, e: BaseException) -> str:
     """The notebook failed without writing its own sidecar (e.g. a crash outside a guarded step)."""
-    from .runs import is_oom
-
     text = f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}"
     return _record(cfg, "oom" if is_oom(text) else "error", text)
 
@@ -401,8 +395,6 @@ def execute(sweep: dict, cfg: dict, say=None) -> str:
     for want of space or permission is recorded as an error if it can be, then raised (the sweep stops).
     `say` gets progress lines while the run trains (KernelWatch)."""
     import papermill
-
-    from .runs import is_oom, notebook_problem, progress_path, read_sidecar
 
     folder = Path(cfg["output_dir"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -733,8 +725,6 @@ def _done(states: dict) -> int:
 
 
 def _summary_best_effort(folder) -> Path | None:
-    from .runs import write_summary
-
     try:
         return write_summary(folder)
     except OSError:
@@ -758,7 +748,7 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
     out = out or sys.stdout
     sweep = load_sweep(path, reports_root)
     configs = expand(sweep)
-    from .runs import validate, write_summary
+    from .runs import validate
 
     types = {k: p["type"] for k, p in sweep["params"].items()}
     for cfg in configs:  # every configuration is checked before the first one runs
@@ -797,6 +787,10 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
         raise SweepError(f"another sweep is already running on {sweep['folder']} (lock {lock.lock_file}); "
                          "wait for it to finish or stop it first") from None
     try:
+        try:  # what this sweep file plans, for the analysis to say what is missing (it never reads the sweep file)
+            write_plan(sweep["folder"], path, configs)
+        except OSError as e:
+            raise SweepFault(f"{describe_os_error(e)} (nothing ran)") from e
         t0 = time.perf_counter()
         try:
             if jobs > 1:
@@ -835,10 +829,8 @@ def run_sweep(path, dry_run: bool = False, force: bool = False, report: bool = T
         if report:
             import papermill
 
-            from .report import build_report
-
             try:
-                html = build_report(sweep["folder"])
+                html = build_report(sweep["folder"], summary=False)  # summary.csv: written just above, once
             except papermill.PapermillExecutionError as e:
                 raise ReportError(f"the report's analysis notebook failed ({e.ename}: {e.evalue}); its executed copy "
                                   f"is {sweep['folder'] / 'analysis.failed.ipynb'}") from e

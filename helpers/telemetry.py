@@ -75,22 +75,21 @@ class Nvml:
         except Exception:
             self.handle = None
 
-    def energy_j(self) -> float | None:
-        """Total energy counter since driver load (J); None where the GPU has none."""
+    def _milli(self, reading: str) -> float | None:
+        """An NVML reading in thousandths (mJ, mW) as units; None where there is no GPU or it has no such reading."""
         if self.handle is None:
             return None
         try:
-            return self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000.0
+            return getattr(self.nvml, reading)(self.handle) / 1000.0
         except Exception:
             return None
 
+    def energy_j(self) -> float | None:
+        """Total energy counter since driver load (J); None where the GPU has none."""
+        return self._milli("nvmlDeviceGetTotalEnergyConsumption")
+
     def power_w(self) -> float | None:
-        if self.handle is None:
-            return None
-        try:
-            return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
-        except Exception:
-            return None
+        return self._milli("nvmlDeviceGetPowerUsage")
 
     def used_gib(self) -> tuple[float | None, float | None]:
         """(memory used by this process, memory used on the whole device), GiB.

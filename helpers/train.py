@@ -3,31 +3,13 @@ import tempfile
 
 import torch
 
+from .registry import upcasts_to_fp32  # noqa: F401 - decided in the torch-free registry; known from here
+
 # Optimizers offered (HF TrainingArguments `optim` names). adamw_torch_fused: torch's single-kernel AdamW (a
 # speed lever; the same update). The 8-bit and paged ones need bitsandbytes;
 # paged = optimizer state in CUDA unified memory that can spill to the host under memory pressure.
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
 BNB_OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
-
-
-def upcasts_to_fp32(quant: str, keep_16bit: bool = False, fp32_upcast: bool = False) -> bool:
-    """Whether norms, embeddings and head train in float32: the precision half of the 2 x 2 of quantization and
-    precision (parameters/precision.yaml), decided here only.
-
-        quant none               16-bit: no upcast; fp32_upcast=True gives it the QLoRA arms' upcast
-        quant nf4 | fp4 | int8   peft's prepare_model_for_kbit_training upcasts; keep_16bit=True skips it
-
-    The upcast embedding makes the whole residual stream float32 (tests/test_levers.py), so a QLoRA arm and a
-    16-bit arm differ in precision as well as in quantization unless one of the two switches matches them."""
-    if quant == "none":
-        if keep_16bit:
-            raise ValueError("keep_16bit=True is not allowed with quant 'none': only QLoRA upcasts (use fp32_upcast "
-                             "to give the 16-bit arm the same upcast)")
-        return bool(fp32_upcast)
-    if fp32_upcast:
-        raise ValueError(f"fp32_upcast=True is not allowed with quant {quant!r}: only quant 'none' takes it (the "
-                         "QLoRA arms are upcast already; keep_16bit=True turns their upcast off)")
-    return not keep_16bit
 
 
 def upcast_like_kbit(model):

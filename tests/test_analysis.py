@@ -322,6 +322,7 @@ def test_plan_status_counts_the_planned_runs_with_a_result_and_names_what_is_mis
     import pandas as pd
     import yaml
 
+    from helpers.sidecars import write_plan
     from helpers.sweep import expand, load_sweep
 
     spec = {"name": "plan", "base": {"model": "smollm2-135m", "max_steps": 4},
@@ -329,7 +330,9 @@ def test_plan_status_counts_the_planned_runs_with_a_result_and_names_what_is_mis
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(spec))
     folder = tmp_path / "reports" / "plan"
-    ids = {(c["quant"], c["lora_r"], c["seed"]): c["run_id"] for c in expand(load_sweep(path, folder.parent))}
+    configs = expand(load_sweep(path, folder.parent))
+    write_plan(folder, path, configs)  # what helpers.sweep records when the sweep starts: the analysis reads this
+    ids = {(c["quant"], c["lora_r"], c["seed"]): c["run_id"] for c in configs}
     assert len(ids) == 8
     # every none run finished, one nf4 run failed, the other nf4 runs never ran; one run is from an older recipe
     rows = [{"run_id": rid, "status": "ok"} for (q, _, _), rid in ids.items() if q == "none"]
@@ -421,3 +424,23 @@ def test_lever_table_gives_each_levers_loss_gap_against_its_plain_run(tmp_path):
     summary, history = analysis.load_sweep(folder)
     gaps = dict(zip(*analysis.lever_table(summary, history)[["levers", "loss_gap_pct"]].values.T))
     assert gaps["plain"] == 0 and gaps["fused_kernels"] == pytest.approx(2.0)
+
+
+def test_plan_status_names_a_missing_lever_run_by_its_lever(tmp_path):
+    # one lever run missing from a lever sweep: named by the lever that is on, not by the first setting that varies
+    import pandas as pd
+    import yaml
+
+    from helpers.sidecars import write_plan
+    from helpers.sweep import expand, load_sweep
+
+    spec = {"name": "levers", "base": {"model": "smollm2-135m", "max_steps": 4},
+            "grid": [{"quant": ["nf4"]}, {"gradient_checkpointing": [False]}, {"tiled_mlp": [4]}, {"chunked_loss": [8]}]}
+    path = tmp_path / "levers.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    folder = tmp_path / "reports" / "levers"
+    configs = expand(load_sweep(path, folder.parent))
+    write_plan(folder, path, configs)
+    rows = [{"run_id": c["run_id"], "status": "ok"} for c in configs if not c.get("tiled_mlp")]
+    line = analysis.plan_status(folder, pd.DataFrame(rows), sweep_file=path)
+    assert "3 of the 4 runs" in line and "still to run: tiled_mlp=4 (1)" in line

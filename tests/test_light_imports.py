@@ -15,3 +15,11 @@ def test_the_reading_side_does_not_import_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_the_analysis_imports_neither_the_runner_nor_papermill():
+    code = ("import sys; import helpers.analysis; print(sorted(m for m in ('torch', 'papermill', 'helpers.sweep', "
+            "'helpers.report', 'helpers.runs') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
