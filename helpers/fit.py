@@ -79,7 +79,7 @@ PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")  # state in CUDA unified memor
 OPTIMIZER_TEMP_BYTES = {"adamw_torch": 4}  # foreach AdamW: one fp32 temporary per parameter (sqrt of exp_avg_sq)
 LEVERS, COUNT_LEVERS = registry.LEVERS, tuple(registry.COUNT_LEVERS)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto: bfloat16 on a GPU
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEARS = registry.LINEARS
 QUANT_BLOCK = 64          # bitsandbytes 4-bit blocksize (weights per absmax)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with double quant
 

@@ -39,14 +39,14 @@ import time
 import torch
 
 from . import models
-from .registry import COUNT_LEVERS, LEVERS, STACKS
+from .registry import COUNT_LEVERS, LEVERS, LINEARS, STACKS
 from .train import attach_lora as attach_ours
 
 PEER = "unsloth"
 PEER_PACKAGES = ("unsloth", "unsloth_zoo")
 NEEDS = "stack 'unsloth' needs a CUDA GPU and `pip install -e .[peer]`"
 OFFLINE_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # Llama-family names
+ALL_LINEAR = LINEARS  # all-linear spelled out (Llama-family names)
 PEER_QUANTS = ("nf4",)
 PEER_DTYPES = ("auto", "bfloat16")
 

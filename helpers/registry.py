@@ -19,6 +19,9 @@ COUNT_LEVERS = {"chunked_loss": "chunks", "tiled_mlp": "sequence slices"}  # a w
 # The training stack (notebook parameter `stack`, helpers/peer.py): ours (transformers + peft, with the levers above)
 # or the peer measured beside it (Unsloth, GPU only, `pip install -e .[peer]`). The first is the default.
 STACKS = ("hf", "unsloth")
+# The linear layers of one Llama/Mistral/Qwen2 decoder layer: what target_modules "all-linear" means for the
+# memory predictor (helpers/fit.py) and for the peer, which takes the names spelled out (helpers/peer.py)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The plain stack a lever run is compared with: every lever off, the notebook's default optimizer, activation
 # checkpointing on (tests/test_notebook_sources.py checks notebook 01's defaults agree)
 PLAIN_STACK = {**{k: 0 if k in COUNT_LEVERS else False for k in LEVERS}, "optimizer": "adamw_torch",
