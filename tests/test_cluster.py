@@ -99,28 +99,14 @@ def test_a_real_training_run_of_the_tiny_model_comes_back_whole(tmp_path, tiny_m
 
 def test_ctrl_c_from_the_command_line_cancels_the_runs_each_recorded_unfinished(tmp_path):
     """The CLI (helpers.sweep as __main__: what Ray sends to the nodes must still be found by its module name)."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from tests.test_sweep import ctrl_c, start
 
     started = tmp_path / "started"
     started.mkdir()
     path = fake_sweep(tmp_path, write_fake_notebook(tmp_path / "fake.ipynb"), [2, 3, 4])
-    env = {**os.environ, "FAKE_RUN_S": "600", "FAKE_STARTED_DIR": str(started), "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports",
-                          str(tmp_path / "r"), "--cluster", "local"], cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    try:
-        t = time.time()
-        while len(list(started.iterdir())) < 2:  # two runs training on the two CPUs
-            assert time.time() - t < 180 and p.poll() is None, p.stdout.read() if p.poll() is not None else "timeout"
-            time.sleep(0.5)
-        os.killpg(p.pid, signal.SIGINT)
-        out, _ = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+    env = {"FAKE_RUN_S": "600", "FAKE_STARTED_DIR": str(started)}
+    p = start(path, tmp_path / "r", "--cluster", "local", env=env)
+    out = ctrl_c(p, lambda: len(list(started.iterdir())) >= 2, timeout=180)  # two runs training on the two CPUs
     assert p.returncode == 130, out
     assert "interrupted: 0 of 3 runs done, re-run to resume" in out and "Traceback" not in out, out
     records = read_all(tmp_path / "r" / "fake" / "runs")

@@ -3,10 +3,6 @@ and a fake training notebook (the real parameters cell, then a cell that records
 sidecar in a second), so the queue, the pinning, a failing GPU, resume and Ctrl-C are tested in seconds."""
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import nbformat
@@ -15,6 +11,7 @@ import yaml
 
 from helpers import sweep
 from helpers.sidecars import read_all
+from tests.test_sweep import ctrl_c, start
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,21 +197,9 @@ def test_ctrl_c_stops_the_runs_on_every_gpu_each_recorded_unfinished(tmp_path, f
     started = tmp_path / "started"
     started.mkdir()
     path = fake_sweep(tmp_path, fake_notebook, [2, 3, 4])
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1", "FAKE_RUN_S": "600", "FAKE_STARTED_DIR": str(started),
-           "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(tmp_path)],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                         start_new_session=True)
-    try:
-        t = time.time()
-        while len(list(started.iterdir())) < 2:  # a run on each GPU
-            assert time.time() - t < 120 and p.poll() is None, p.stdout.read() if p.poll() is not None else "timeout"
-            time.sleep(0.2)
-        os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the sweep and its workers
-        out, _ = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+    env = {"CUDA_VISIBLE_DEVICES": "0,1", "FAKE_RUN_S": "600", "FAKE_STARTED_DIR": str(started)}
+    p = start(path, tmp_path, env=env)
+    out = ctrl_c(p, lambda: len(list(started.iterdir())) >= 2, timeout=120)  # a run on each GPU
     assert p.returncode == 130, out
     assert "Traceback" not in out and "interrupted: 0 of 3 runs done, re-run to resume" in out, out
     records = read_all(tmp_path / "fake" / "runs")

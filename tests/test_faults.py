@@ -15,7 +15,7 @@ import yaml
 
 from helpers import data, runs, sweep
 from tests.conftest import base_config
-from tests.test_sweep import GOOD, ROOT, start, tiny_sweep, wait_for, write
+from tests.test_sweep import GOOD, ROOT, ctrl_c, start, tiny_sweep, wait_for, write
 
 TYPES = {k: p["type"] for k, p in sweep.notebook_parameters().items()}
 
@@ -353,16 +353,8 @@ def test_ctrl_c_marks_the_run_unfinished_writes_the_summary_and_says_how_to_resu
 @pytest.mark.slow
 def test_ctrl_c_at_a_terminal_stops_side_by_side_runs_each_recorded_unfinished(tmp_path, tiny_model_dir):
     path, reports, runs_dir = endless_tiny_sweep(tmp_path, tiny_model_dir)
-    p = subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(reports),
-                          "--jobs", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        wait_for(lambda: len(list(runs_dir.glob("*.progress"))) == 2, timeout=180)
-        os.killpg(p.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the sweep and its worker processes
-        out, _ = p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+    p = start(path, reports, "--jobs", "2")
+    out = ctrl_c(p, lambda: len(list(runs_dir.glob("*.progress"))) == 2, timeout=180)
     assert p.returncode == 130, out
     assert "Traceback" not in out and "interrupted: 0 of 2 runs done, re-run to resume" in out, out
     records = runs.read_all(runs_dir)

@@ -91,11 +91,29 @@ def tiny_sweep(tmp_path, tiny_model_dir, grid, name="tiny"):
     return write(tmp_path, spec, f"{name}.yaml")
 
 
-def start(path, reports):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(reports)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+def start(path, reports, *args, env=None):
+    """`python -m helpers.sweep` in its own process group (as at a terminal), output captured; args: more flags."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(reports),
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
+
+
+def ctrl_c(p, ready, timeout):
+    """A terminal's Ctrl-C once ready() says the runs are training: SIGINT to the sweep's whole process group (the
+    sweep and its workers). Returns the sweep's output; the group is killed if it outlives the test."""
+    try:
+        t = time.time()
+        while not ready():
+            assert p.poll() is None, p.stdout.read()
+            assert time.time() - t < timeout, "timeout"
+            time.sleep(0.2)
+        os.killpg(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    return out
 
 
 def wait_for(cond, timeout=120):
