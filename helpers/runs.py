@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .data import RANDOM_CORPUS, check_corpus
+from .gpus import visible_gpus
 from .paths import PROJECT_ROOT
 from .params import NOT_IN_ID, OFF_NOT_IN_ID, check_types, run_id, type_problem  # noqa: F401 - known from here too
 from .sidecars import (  # noqa: F401 - re-exported: the notebook and the sweep know them from here
@@ -81,13 +82,6 @@ SHARDED_QUANTS = ("none", "nf4", "fp4")  # int8 weights have no floating storage
 SHARDED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")  # bitsandbytes' 8-bit/paged states are not sharded
 
 
-def visible_gpus() -> int:
-    """CUDA devices this process may use, counted without starting CUDA (torch asks NVML first)."""
-    import torch
-
-    return torch.cuda.device_count() if torch.backends.cuda.is_built() else 0
-
-
 def sharding_problems(config: dict, here: bool = True) -> list[tuple[str, object, str]]:
     """(name, value, what is allowed) for num_gpus and fsdp_cpu_offload (helpers/sharded.py); [] when the run can go.
 
@@ -105,7 +99,7 @@ def sharding_problems(config: dict, here: bool = True) -> list[tuple[str, object
         return out
     device = str(config["device"])
     if here and device != "cpu":
-        have = visible_gpus()
+        have = len(visible_gpus())
         if n > have:
             out.append(("num_gpus", n, f"at most the {have} GPU(s) visible here (CUDA_VISIBLE_DEVICES counted), or "
                                        "device='cpu' for processes on the CPU"))

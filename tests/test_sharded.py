@@ -13,7 +13,7 @@ from tests.conftest import base_config
 
 
 def test_num_gpus_beyond_the_visible_gpus_is_refused_naming_both():
-    have = runs.visible_gpus()
+    have = len(runs.visible_gpus())
     with pytest.raises(ValueError, match=f"num_gpus={have + 2} is not allowed: at most the {have} GPU\\(s\\) visible"):
         runs.validate(base_config(num_gpus=have + 2))
 
