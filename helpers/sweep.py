@@ -581,14 +581,28 @@ def _run_one_at_a_time(sweep, configs, todo, states, show, out, t0) -> None:
         print(f"    -> {states[c['run_id']]} in {_fmt(time.perf_counter() - t)}", file=out, flush=True)
 
 
-def _run_side_by_side(sweep, configs, todo, states, show, slots, out, t0) -> None:
-    """Run `todo` in one worker process per slot, feeding each configuration to the first free slot; print each
-    start (with its device) and each outcome, with i/N and time left. A slot is a device (a CUDA_VISIBLE_DEVICES
-    entry; None: unpinned) that one run holds at a time; --jobs N gives a device N slots."""
+def _list_skipped(configs, todo, states, out) -> dict:
+    """Print the finished runs a sweep skips; return each run's place in the sweep (run id -> i of N)."""
     index = {c["run_id"]: i for i, c in enumerate(configs, 1)}
     for c in configs:
         if c not in todo:
             print(f"[{index[c['run_id']]}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]})", file=out, flush=True)
+    return index
+
+
+def _say_outcome(c, status, where, show, index, n_configs, done, n_todo, t0, out) -> None:
+    """'[i/N] <status> <run id><where> <label> (done/todo done, elapsed, ~time left)' for a run that has ended."""
+    elapsed = time.perf_counter() - t0
+    left = f", ~{_fmt(elapsed / done * (n_todo - done))} left" if done < n_todo else ""
+    print(f"[{index[c['run_id']]}/{n_configs}] {status} {c['run_id']}{where} {_label(c, show)} "
+          f"({done}/{n_todo} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
+
+
+def _run_side_by_side(sweep, configs, todo, states, show, slots, out, t0) -> None:
+    """Run `todo` in one worker process per slot, feeding each configuration to the first free slot; print each
+    start (with its device) and each outcome, with i/N and time left. A slot is a device (a CUDA_VISIBLE_DEVICES
+    entry; None: unpinned) that one run holds at a time; --jobs N gives a device N slots."""
+    index = _list_skipped(configs, todo, states, out)
     on = lambda device: f" on GPU {device}" if device is not None else ""  # noqa: E731
     ctx = multiprocessing.get_context("spawn")  # no inherited threads or CUDA state
     jobs = max(slots.count(d) for d in slots)  # runs that share one device
@@ -616,10 +630,7 @@ def _run_side_by_side(sweep, configs, todo, states, show, slots, out, t0) -> Non
                 except Exception as e:  # the worker process itself died
                     states[c["run_id"]] = _record_failure(c, e)
                 done += 1
-                elapsed = time.perf_counter() - t0
-                left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
-                print(f"[{index[c['run_id']]}/{len(configs)}] {states[c['run_id']]} {c['run_id']}{on(device)} "
-                      f"{_label(c, show)} ({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
+                _say_outcome(c, states[c["run_id"]], on(device), show, index, len(configs), done, len(todo), t0, out)
     except BaseException:  # Ctrl-C or a full disk: stop the runs in flight, each records itself as unfinished
         for process in list((pool._processes or {}).values()):
             try:
@@ -633,10 +644,7 @@ def _run_side_by_side(sweep, configs, todo, states, show, slots, out, t0) -> Non
 
 def _run_on_cluster(sweep, configs, todo, states, show, address, out, t0) -> None:
     """Run `todo` on a Ray cluster (helpers/cluster.py); print each outcome with its node, i/N and time left."""
-    index = {c["run_id"]: i for i, c in enumerate(configs, 1)}
-    for c in configs:
-        if c not in todo:
-            print(f"[{index[c['run_id']]}/{len(configs)}] skip {c['run_id']} ({states[c['run_id']]})", file=out, flush=True)
+    index = _list_skipped(configs, todo, states, out)
     if not todo:
         return
     done = 0
@@ -644,10 +652,7 @@ def _run_on_cluster(sweep, configs, todo, states, show, address, out, t0) -> Non
     def outcome(c, status, where):
         nonlocal done
         states[c["run_id"]], done = status, done + 1
-        elapsed = time.perf_counter() - t0
-        left = f", ~{_fmt(elapsed / done * (len(todo) - done))} left" if done < len(todo) else ""
-        print(f"[{index[c['run_id']]}/{len(configs)}] {status} {c['run_id']}{where} {_label(c, show)} "
-              f"({done}/{len(todo)} done, elapsed {_fmt(elapsed)}{left})", file=out, flush=True)
+        _say_outcome(c, status, where, show, index, len(configs), done, len(todo), t0, out)
 
     # Ray sends execute to the nodes by its module's name: helpers.sweep's, also when this file runs as __main__
     from . import sweep as runner
