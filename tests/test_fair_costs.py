@@ -100,3 +100,19 @@ def test_throughput_gives_the_window_figure_beside_the_steps(tmp_path):
     # fake speeds at r8: none 2361.6, nf4 1889.28 tokens/s over the steps; x 0.9 and x 0.8 over the window
     assert "none · r8 is fastest at 2361.6 tokens/s, 1.25x nf4 · r8 (1889.3 tokens/s)" in line
     assert "(over the whole window, between-step work included: 2125.4 and 1511.4 tokens/s)" in line
+
+
+def test_lever_takeaway_without_a_speed_ratio_says_so_instead_of_nan(tmp_path):
+    # The published lever check: the plain run and a lever ran side by side (no speed of their own), one lever
+    # alone on another machine (a speed, but no plain run of its machine to divide by). No ratio exists.
+    folder = tmp_path / "check"
+    run(folder, {"side_by_side": 5, **MACHINE_A}, quant="nf4")
+    run(folder, {"side_by_side": 5, **MACHINE_A}, quant="nf4", keep_16bit=True)
+    run(folder, {"side_by_side": 1, **MACHINE_B}, quant="nf4", tiled_mlp=4, speed=0.5)
+    summary, history = analysis.load_sweep(folder)
+    t = analysis.lever_table(summary, history)
+    assert t["speed_x"].isna().all()
+    fig, line = analysis.lever_effects(summary, t)
+    assert "nan" not in line.lower()
+    assert "No speed ratio: no lever run has a plain run of its own machine, both run one at a time" in line
+    assert "Equivalence" in line  # the quality check is still reported

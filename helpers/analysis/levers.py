@@ -181,10 +181,16 @@ def lever_figure(sel: dict) -> go.Figure:
 
 def lever_takeaway(sel: dict) -> str:
     runs_, table = sel["levers"], sel["table"]
-    best = runs_.iloc[runs_["speed_x"].to_numpy().argmax()]  # the index (configuration) repeats: by position
-    line = f"fastest: {best['quant']} · {best['levers']} at {best['speed_x']:.2f}x the plain stack's tokens/s"
-    mem = runs_.iloc[runs_["reserved_vs_plain_gib"].to_numpy().argmin()]
-    if mem["reserved_vs_plain_gib"] < 0:
+    timed = runs_[runs_["speed_x"].notna()]  # a ratio needs the lever and a plain run, one at a time, on one machine
+    if len(timed):
+        best = timed.iloc[timed["speed_x"].to_numpy().argmax()]  # the index (configuration) repeats: by position
+        line = f"fastest: {best['quant']} · {best['levers']} at {best['speed_x']:.2f}x the plain stack's tokens/s"
+    else:
+        line = ("No speed ratio: no lever run has a plain run of its own machine, both run one at a time "
+                "(side-by-side runs have no speed of their own; ratios are taken within one machine)")
+    sized = runs_[runs_["reserved_vs_plain_gib"].notna()]
+    mem = sized.iloc[sized["reserved_vs_plain_gib"].to_numpy().argmin()] if len(sized) else None
+    if mem is not None and mem["reserved_vs_plain_gib"] < 0:
         line += (f"; most memory saved: {mem['quant']} · {mem['levers']}, {-mem['reserved_vs_plain_gib']:.2f} GiB "
                  f"less peak reserved")
     slower = runs_[runs_["speed_x"] < 1]
