@@ -88,8 +88,9 @@ def _free_port() -> int:
 
 def launch(run: dict, train_blocks, eval_blocks) -> None:
     """Train run's configuration on num_gpus processes (accelerate's notebook_launcher) and aggregate their figures
-    into run (metrics, history, environment). A process's error (its out-of-memory included) is raised here with
-    its text, so runs.guard records it like a one-process failure."""
+    into run (metrics, history, environment). The error of the process that failed first (its out-of-memory
+    included) is raised here with its rank and text, so runs.guard records it like a one-process failure; the
+    others' (stopped by the launcher, or failing while they waited for it) are its consequences."""
     from accelerate import notebook_launcher
 
     config = run["config"]
@@ -100,9 +101,10 @@ def launch(run: dict, train_blocks, eval_blocks) -> None:
             notebook_launcher(rank_main, args=(config, train_blocks, eval_blocks, str(folder), run["sidecar"]),
                               num_processes=n, use_port=str(_free_port()))
         except BaseException as e:
-            errors = [r["error"] for r in _read_ranks(folder) if r.get("error")]
-            if errors:  # the first process's own error, not the launcher's summary of it
-                raise RuntimeError(f"{n} processes: {errors[0]}") from e
+            failed = sorted((r for r in _read_ranks(folder) if r.get("error")), key=lambda r: r["failed_at"])
+            if failed:  # the process that failed first, in its own words: the others were stopped because of it
+                first = failed[0]  # (the launcher's SIGTERM) or failed waiting for it, later
+                raise RuntimeError(f"{n} processes: rank {first['rank']}: {first['error']}") from e
             raise
         ranks = _read_ranks(folder)
         if len(ranks) != n:
@@ -123,7 +125,11 @@ def rank_main(config: dict, train_blocks, eval_blocks, folder: str, sidecar: str
     """One process of a sharded run (what notebook_launcher starts): its figures, or its error, into folder."""
     import torch
     import torch.distributed as dist
+    from transformers.utils import logging as hf_logging
 
+    # A process forked from the notebook's kernel cannot draw the kernel's progress widgets: each update of the
+    # weight-loading bar would print "attempted to send message from fork" (1,429 of them in one 70B sweep's log).
+    hf_logging.disable_progress_bar()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     on_gpu = str(config["device"]) != "cpu"
@@ -138,6 +144,7 @@ def rank_main(config: dict, train_blocks, eval_blocks, folder: str, sidecar: str
         out.update(train_rank(config, device, train_blocks, eval_blocks, rank, world, sidecar if rank == 0 else None))
     except BaseException as e:
         out["error"] = f"{type(e).__name__}: {e}"[:4000]
+        out["failed_at"] = time.time()  # one host's clock: which process failed first (launch() reports that one)
         raise
     finally:
         from .files import atomic_write

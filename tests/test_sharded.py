@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -109,7 +110,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, quant
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_gpus", [2, 1])
-def test_notebook_runs_sharded_and_one_process(tmp_path, monkeypatch, num_gpus):
+def test_notebook_runs_sharded_and_one_process(tmp_path, monkeypatch, capfd, num_gpus):
     """The notebook end to end with 2 processes on the CPU (a tiny synthetic shape, NF4): one sidecar, ok, with each
     process's figures aggregated; and with num_gpus 1, the one-process path of before (no per-GPU lists)."""
     import papermill
@@ -127,6 +128,7 @@ def test_notebook_runs_sharded_and_one_process(tmp_path, monkeypatch, num_gpus):
     r = json.loads(sidecar.read_text())
     m = r["metrics"]
     assert r["status"] == "ok" and len(r["history"]) == 3 and m["ppl_after"] > 0
+    assert "send message from fork" not in capfd.readouterr().err  # no progress widget drawn from a forked process
     assert not list(out.glob(".*"))  # the processes' files are gone
     if num_gpus == 2:
         assert m["num_processes"] == 2 and m["tokens_trained"] == 3 * 2 * 2 * 31
@@ -166,3 +168,27 @@ def test_aggregate_says_per_gpu_peaks_summed_energy_and_tokens_slowest_time():
     no_counter["history"] = [{**r, "power_w": 300.0} for r in no_counter["history"]]  # power read, no counter
     m3, _, _ = sharded.aggregate([_rank(20.0, 400.0, 1000, 1.0, 30.0, "GPU-0"), no_counter])
     assert m3["energy_source"] == "nvml_power_sampled" and m3["energy_j"] == 800.0  # both GPUs' sampled energy
+
+
+def test_a_failed_run_reports_the_process_that_failed_first_not_the_one_stopped_for_it(monkeypatch):
+    """On 2 H200s the 70B run without offload ran out of memory in rank 1; the launcher then stopped rank 0 with
+    SIGTERM, and the sidecar said 'error: SignalException' (rank 0's) instead of 'oom'."""
+    import accelerate
+
+    from helpers.files import atomic_write
+    from helpers.sidecars import is_oom
+
+    def launcher(fn, args, num_processes, use_port):
+        folder = Path(args[3])
+        atomic_write(folder / "rank0.json", json.dumps({"rank": 0, "error": "SignalException: Process 7 got signal: 15",
+                                                        "failed_at": 1001.0}))
+        atomic_write(folder / "rank1.json", json.dumps({"rank": 1, "error": "OutOfMemoryError: CUDA out of memory. "
+                                                        "Tried to allocate 3.92 GiB", "failed_at": 1000.0}))
+        raise RuntimeError("ChildFailedError: the launcher's summary")
+
+    monkeypatch.setattr(accelerate, "notebook_launcher", launcher)
+    run = {"run_id": "r", "sidecar": None, "config": {"num_gpus": 2}}
+    with pytest.raises(RuntimeError) as e:
+        sharded.launch(run, [], [])
+    assert str(e.value).startswith("2 processes: rank 1: OutOfMemoryError: CUDA out of memory")
+    assert is_oom(str(e.value))
