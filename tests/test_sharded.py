@@ -192,3 +192,14 @@ def test_a_failed_run_reports_the_process_that_failed_first_not_the_one_stopped_
         sharded.launch(run, [], [])
     assert str(e.value).startswith("2 processes: rank 1: OutOfMemoryError: CUDA out of memory")
     assert is_oom(str(e.value))
+
+
+def test_a_sharded_run_says_whether_its_fullest_gpu_fits_the_budget():
+    """The 70B shape at 4,096 tokens on 2 H200s capped at 24 GiB: torch's reserve stayed under the cap (23.2 GiB)
+    but the whole process (24.76 GiB, context included) would not fit a real 24 GiB card; the sidecar must say so."""
+    ranks = [_rank(23.2, 400.0, 1000, 1.0, 60.0, "GPU-0"), _rank(23.0, 400.0, 1000, 1.0, 60.0, "GPU-1")]
+    ranks[0]["metrics"]["peak_process_est_gib"], ranks[1]["metrics"]["peak_process_est_gib"] = 24.76, 24.5
+    m, _, _ = sharded.aggregate(ranks)
+    run = {"metrics": m, "config": {"vram_budget_gib": 24.0}}
+    runs.record_budget(run)
+    assert run["metrics"]["peak_reserved_within_budget"] is True and run["metrics"]["process_within_budget"] is False

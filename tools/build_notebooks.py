@@ -199,6 +199,7 @@ else:
 if num_gpus > 1:  # num_gpus processes load, score, attach, train and score again; their figures come back as one run's
     with runs.guard(run):
         sharded.launch(run, train_blocks, eval_blocks_t)
+    runs.record_budget(run)  # the fullest GPU against vram_budget_gib, as record_memory does for one process
     print(f"{num_gpus} processes: peak torch reserved per GPU {run['metrics']['peak_reserved_gib_per_gpu']} GiB")
 else:
     steps = telemetry.StepTelemetry(run["device"])  # counts each step's loss tokens as the Trainer fetches its batches
