@@ -120,6 +120,11 @@ def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, 
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+    if on_gpu:  # one process trains on one GPU (several: num_gpus > 1, FSDP, helpers/sharded.py). On a machine of
+        # several the Trainer would wrap the model in DataParallel over all and multiply the batch by their number;
+        # it sets _n_gpu to 1 itself for a model spread over GPUs. args.device first: it sets _n_gpu.
+        _ = args.device
+        args._n_gpu = 1
     kw = dict(model=model, args=args, train_dataset=BlockDataset(train_blocks), callbacks=list(callbacks))
     levers = levers or {}
     if levers.get("offload_activations") or levers.get("chunked_loss"):
