@@ -63,3 +63,14 @@ def test_the_multi_gpu_dry_run_shows_the_plan_and_the_prediction_per_gpu(seventy
     assert "over 24 GiB" in next(x for x in seventy if "s512" in x and "num_gpus=2 fsdp_cpu_offload=False" in x)
     assert "fits 24 GiB" in next(x for x in seventy if "s512" in x and "num_gpus=2 fsdp_cpu_offload=True" in x)
     assert not (tmp_path / "multi-gpu").exists()
+
+
+def test_under_a_budget_the_cap_is_applied_per_gpu_after_the_shards_are_taken_out(seventy_b):
+    """The 70B shape on 2 GPUs with offload under a 24 GiB cap: predict() caps the whole model's reserve at the budget
+    before the shards come out, which left -18 GiB of reserve per GPU in reports/fit/validation.csv."""
+    cfg = dict(model=SEVENTY_B, quant="nf4", seq_len=512, batch_size=1, eval_blocks=2)
+    free, capped = (fit.predict_per_gpu({**cfg, "vram_budget_gib": b}, 2, cpu_offload=True) for b in (0.0, 24.0))
+    assert capped["peak_reserved_gib"] >= capped["peak_allocated_gib"] > 0
+    assert capped["peak_reserved_gib"] == pytest.approx(min(free["peak_reserved_gib"], 24.0))
+    assert capped["peak_process_gib"] == pytest.approx(capped["peak_reserved_gib"] + capped["outside_torch_gib"])
+    assert capped["needs_under_cap_gib"] == pytest.approx(free["needs_under_cap_gib"])

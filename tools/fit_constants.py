@@ -19,11 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import fit  # noqa: E402
 
-HELD_OUT = ("fit-check", "precision", "lever-check")  # measured after the fit: never used for fitting
-
-
 def rows():
-    return [r for r in fit.measured_runs() if not r["source"].startswith(HELD_OUT)]
+    return [r for r in fit.measured_runs() if not r["source"].startswith(fit.MEASURED_AFTER_FIT)]  # never fitted on
 
 
 def distinct(rs):
