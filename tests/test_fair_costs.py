@@ -116,3 +116,17 @@ def test_lever_takeaway_without_a_speed_ratio_says_so_instead_of_nan(tmp_path):
     assert "nan" not in line.lower()
     assert "No speed ratio: no lever run has a plain run of its own machine, both run one at a time" in line
     assert "Equivalence" in line  # the quality check is still reported
+
+
+def test_runs_on_several_gpus_say_what_their_memory_speed_and_energy_are(tmp_path):
+    # reports/multi-gpu: an FSDP run's memory peaks are its fullest GPU's, its tokens/s and energy all GPUs' together;
+    # a chart beside one-GPU runs must say so, or a reader compares a card with two
+    run(tmp_path / "mg", MACHINE_A, quant="nf4")
+    run(tmp_path / "mg", MACHINE_A, quant="nf4", num_gpus=2)
+    summary, _ = analysis.load_sweep(tmp_path / "mg")
+    for chart in (analysis.peak_memory, analysis.throughput, analysis.energy_per_token):
+        fig, line = chart(summary)
+        assert fig is not None and ("1 of 2 run(s) trained on 2 GPUs (num_gpus, FSDP): their memory is the fullest "
+                                    "GPU's; their tokens/s and energy are all GPUs' together") in line
+    one, _ = analysis.load_sweep(_one_machine(tmp_path / "one"))
+    assert "num_gpus" not in analysis.peak_memory(one)[1]

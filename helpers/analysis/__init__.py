@@ -37,7 +37,7 @@ from .tables import (  # noqa: F401
 from .rows import (  # noqa: F401
     Q4_1_NOTE, UNKNOWN_MACHINE, PALETTE, drawn, finished, by_config, quants_in, vs_16bit, vs_16bit_words,
     extremes_words, device_words, on_cpu_only, budget_label, machine_labels, machine_keys, machines_note,
-    side_by_side, own_costs, side_by_side_note, quality_rows, q4_1_note, pareto_front,
+    side_by_side, own_costs, side_by_side_note, sharded_note, quality_rows, q4_1_note, pareto_front,
 )
 from .cost import (  # noqa: F401
     STATUS_CODE, STATUS_COLOR, feasibility_rows, feasibility_cells, feasibility_figure, feasibility_takeaway,

@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .rows import (budget_label, by_config, device_words, drawn, extremes_words, finished, machines_note, on_cpu_only,
-                   own_costs, side_by_side, side_by_side_note, vs_16bit_words)
+                   own_costs, sharded_note, side_by_side, side_by_side_note, vs_16bit_words)
 
 STATUS_CODE = {"ok": 0, "oom": 1, "error": 2}
 STATUS_COLOR = {"ok": "#2ca02c", "oom": "#d62728", "error": "#7f7f7f"}
@@ -132,7 +132,7 @@ def memory_takeaway(sel: dict) -> str:
                           lambda lo, hi: (f"{lo} needs the least memory: {v[lo]:.2f} GiB {label}, "
                                           f"{100 * (1 - v[lo] / v[hi]):.0f}% below {hi} ({v[hi]:.2f} GiB)"))
     line += vs_16bit_words(sel["runs"], col, lambda r: f"{100 * (r - 1):+.0f}%")
-    return line + "." + side_by_side_note(sel["runs"])
+    return line + "." + side_by_side_note(sel["runs"]) + sharded_note(sel["runs"])
 
 
 def peak_memory(summary: pd.DataFrame):
@@ -191,7 +191,7 @@ def throughput_takeaway(sel: dict) -> str:
     if "train_s" in med.columns and med["train_s"].notna().any():
         t = med["train_s"].dropna()
         line += f"; training took {t.min():.0f}–{t.max():.0f} s" if len(t) > 1 else f"; training took {t.iloc[0]:.0f} s"
-    return line + "." + sel["note"] + machines_note(ok)
+    return line + "." + sel["note"] + sharded_note(ok) + machines_note(ok)
 
 
 def throughput(summary: pd.DataFrame):
@@ -239,7 +239,7 @@ def energy_takeaway(sel: dict) -> str:
         line += "; some runs' energy is sampled power x step time, not the counter"
     if sel["without"]:
         line += f"; {sel['without']} finished run(s) have no energy figure"
-    return line + "." + sel["note"] + machines_note(sel["runs"])
+    return line + "." + sel["note"] + sharded_note(sel["runs"]) + machines_note(sel["runs"])
 
 
 def energy_per_token(summary: pd.DataFrame):

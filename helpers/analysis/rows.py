@@ -137,6 +137,18 @@ def own_costs(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[~side_by_side(rows)]
 
 
+def sharded_note(rows: pd.DataFrame) -> str:
+    """What an FSDP run's cost figures are (helpers/sharded.py aggregates its processes): '' when no run used
+    several GPUs."""
+    n = pd.to_numeric(rows["num_gpus"], errors="coerce").fillna(1) if "num_gpus" in rows else pd.Series(dtype=float)
+    several = n > 1
+    if not several.any():
+        return ""
+    most = int(n.max())
+    return (f" {int(several.sum())} of {len(rows)} run(s) trained on {most if n[several].nunique() == 1 else f'up to {most}'} "
+            "GPUs (num_gpus, FSDP): their memory is the fullest GPU's; their tokens/s and energy are all GPUs' together.")
+
+
 def side_by_side_note(rows: pd.DataFrame) -> str:
     """Why runs are missing from a cost figure: they went side by side on one device; '' when none did."""
     shared = side_by_side(rows)
