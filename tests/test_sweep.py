@@ -92,11 +92,18 @@ def tiny_sweep(tmp_path, tiny_model_dir, grid, name="tiny"):
 
 
 def start(path, reports, *args, env=None):
-    """`python -m helpers.sweep` in its own process group (as at a terminal), output captured; args: more flags."""
+    """`python -m helpers.sweep` as at a terminal: in its own process group, Ctrl-C (SIGINT) at its default, output
+    captured; args: more flags. A suite started in the background (`nohup make test &`) inherits SIGINT ignored, and
+    an ignored signal stays ignored across exec (a handled one is reset to the default): the sweep would then never
+    see the Ctrl-C these tests send."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports", str(reports),
-                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "helpers.sweep", str(path), "--no-report", "--reports",
+                                 str(reports), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, saved)
 
 
 def ctrl_c(p, ready, timeout):
