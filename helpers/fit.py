@@ -806,7 +806,6 @@ def build_report(out_dir: str | Path = "reports/fit") -> Path:
     return export_html(out / "will_it_fit.ipynb", out / "will_it_fit.html", title="will it fit?")
 
 
-
 # --- several GPUs: FSDP (the training notebook's num_gpus and fsdp_cpu_offload) --------------------------------
 
 SHARDED = ("weights_gib", "adapters_gib", "adapter_grads_gib", "optimizer_state_gib")  # what FSDP splits N ways

@@ -62,7 +62,7 @@ def test_one_process_trains_on_one_gpu_where_the_machine_shows_several(tiny_mode
     run is one GPU (several are num_gpus > 1, FSDP). Faked here: the CPU reports two CUDA devices."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     net = attach_lora(tiny_model, "none", lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    trainer = make_trainer(net, torch.randint(0, 128, (8, 16)), device="cuda", dtype="float32", quant="none", max_steps=1,
-                           batch_size=1, grad_accum=1, learning_rate=1e-3, warmup_steps=0, optimizer="adamw_torch",
-                           seed=0, progress=False)
+    trainer = make_trainer(net, torch.randint(0, 128, (8, 16)), device="cuda", dtype="float32", quant="none",
+                           max_steps=1, batch_size=1, grad_accum=1, learning_rate=1e-3, warmup_steps=0,
+                           optimizer="adamw_torch", seed=0, progress=False)
     assert trainer.args.n_gpu == 1 and trainer.args.train_batch_size == 1

@@ -145,8 +145,9 @@ def sharded_note(rows: pd.DataFrame) -> str:
     if not several.any():
         return ""
     most = int(n.max())
-    return (f" {int(several.sum())} of {len(rows)} run(s) trained on {most if n[several].nunique() == 1 else f'up to {most}'} "
-            "GPUs (num_gpus, FSDP): their memory is the fullest GPU's; their tokens/s and energy are all GPUs' together.")
+    gpus = most if n[several].nunique() == 1 else f"up to {most}"
+    return (f" {int(several.sum())} of {len(rows)} run(s) trained on {gpus} GPUs (num_gpus, FSDP): their memory is "
+            "the fullest GPU's; their tokens/s and energy are all GPUs' together.")
 
 
 def side_by_side_note(rows: pd.DataFrame) -> str:
