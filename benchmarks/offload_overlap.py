@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import levers, models, runs, telemetry  # noqa: E402
 from helpers.data import random_blocks  # noqa: E402
+from helpers.runs import cell  # noqa: E402
 from helpers.train import attach_lora  # noqa: E402
 
 GIB = 2**30
@@ -137,14 +138,13 @@ def main(argv=None):
               "config": vars(a), "off_noise": noise, "results": results,
               "environment": runs.environment(device), "wall_s": time.perf_counter() - t_start}
     runs.write_sidecar(Path(a.out), {"status": "ok", **record})
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     print(f"\n{'mode':>11} {'pass s':>7} {'tokens/s':>9} {'x off':>6} {'alloc GiB':>9} {'reserved GiB':>12} "
           f"{'max diff':>9}  check (off against itself: {noise:.3g})")
     for m, x in results.items():
         verdict = "same bits" if x["same_bits"] else ("within off's noise" if x["within_off_noise"] else "DIFFERS")
         print(f"{m:>11} {x['median_pass_s']:7.3f} {x['tokens_per_s']:9.0f} "
-              f"{x['tokens_per_s'] / results['off']['tokens_per_s']:6.2f} {fmt(x['peak_allocated_gib'], '.2f'):>9} "
-              f"{fmt(x['peak_reserved_gib'], '.2f'):>12} {x['max_diff_from_off']:9.3g}  {verdict}")
+              f"{x['tokens_per_s'] / results['off']['tokens_per_s']:6.2f} {cell(x['peak_allocated_gib'], '.2f'):>9} "
+              f"{cell(x['peak_reserved_gib'], '.2f'):>12} {x['max_diff_from_off']:9.3g}  {verdict}")
     print(f"wrote {a.out} in {record['wall_s']:.0f} s", flush=True)
     return record
 

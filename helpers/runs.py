@@ -424,6 +424,11 @@ SUMMARY_KEYS = [
 ]
 
 
+def cell(value, spec: str) -> str:
+    """A printed table's cell: value in format spec, or '-' where it was not measured (None)."""
+    return "-" if value is None else format(value, spec)
+
+
 def summary_table(run: dict):
     """One readable table of the run's headline figures (None = not measured on this device)."""
     import pandas as pd
