@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -83,21 +84,36 @@ def _api(url: str, path: str, body: dict | None = None) -> dict:
         return json.loads(r.read() or b"{}")
 
 
-def _settled_kernel(url: str, timeout: float = 120) -> str:
+def _kernels(url: str) -> list[dict] | None:
+    """GET /api/kernels, or None when the server answers 5xx. jupyter_server 2.x answers 500 (KeyError
+    'last_activity' in kernel_model) to a listing made while a kernel is starting: the kernel is already in the
+    manager's table but its activity markers are set a moment later (jupyter-server/enterprise_gateway#1395).
+    JupyterLab replacing its kernel opens that window, so a poll must read it as "not settled yet"."""
+    try:
+        return _api(url, "/api/kernels")
+    except urllib.error.HTTPError as e:
+        if e.code >= 500:
+            return None
+        raise
+
+
+def _settled_kernel(url: str, log: Path, timeout: float = 120) -> str:
     """The id of the page's kernel once it has settled: the only kernel on the server, a client connected, idle,
     for 3 s in a row. JupyterLab may start a kernel, then replace it by another a moment later (seen on loaded
     machines); cells run in the first one are lost with it."""
-    deadline, stable, last = time.monotonic() + timeout, 0, None
+    deadline, stable, last, kernels = time.monotonic() + timeout, 0, None, None
     while time.monotonic() < deadline:
-        kernels = _api(url, "/api/kernels")
-        ok = (len(kernels) == 1 and kernels[0].get("connections", 0) >= 1
+        kernels = _kernels(url)
+        ok = (kernels is not None and len(kernels) == 1 and kernels[0].get("connections", 0) >= 1
               and kernels[0].get("execution_state") == "idle")
         stable = stable + 1 if ok and kernels[0]["id"] == last else int(ok)
-        last = kernels[0]["id"] if kernels else None
+        last = kernels[0]["id"] if ok else None
         if stable >= 6:
             return last
         time.sleep(0.5)
-    pytest.fail(f"JupyterLab's kernel did not settle in {timeout:.0f} s: {kernels}")
+    seen = "HTTP 5xx" if kernels is None else kernels
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no server log)"
+    pytest.fail(f"JupyterLab's kernel did not settle in {timeout:.0f} s; last listing: {seen}\nserver log:\n{tail}")
 
 
 def _run_all(page, tries: int = 4) -> None:
@@ -128,7 +144,7 @@ def _y_title(page) -> str:
 
 
 @pytest.mark.slow
-def test_analysis_notebook_runs_in_jupyterlab_and_its_explorer_redraws(lab):
+def test_analysis_notebook_runs_in_jupyterlab_and_its_explorer_redraws(lab, tmp_path):
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -146,13 +162,13 @@ def test_analysis_notebook_runs_in_jupyterlab_and_its_explorer_redraws(lab):
             # the explorer is the last cell: its dropdown and the chart it draws appear when every cell has run
             dropdown = page.locator(".jp-OutputArea .widget-dropdown select").first
             for attempt in range(3):
-                kernel = _settled_kernel(lab)
+                kernel = _settled_kernel(lab, tmp_path / "lab.log")
                 _run_all(page)
                 try:
                     dropdown.wait_for(timeout=120_000)
                     break
                 except Exception:
-                    if _api(lab, "/api/kernels")[0]["id"] == kernel or attempt == 2:
+                    if [k["id"] for k in _kernels(lab) or []] == [kernel] or attempt == 2:
                         raise  # the same kernel ran and never got there: a real failure
             page.wait_for_function("document.querySelectorAll('.jp-OutputArea .jupyter-widgets .js-plotly-plot "
                                    "svg.main-svg').length > 0", timeout=60_000)
@@ -176,3 +192,53 @@ def test_analysis_notebook_runs_in_jupyterlab_and_its_explorer_redraws(lab):
             page.screenshot(path=str(ARTIFACTS / "jupyterlab-02_analysis.png"), full_page=False)
             browser.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def scripted_server():
+    """A local HTTP server answering GET /api/kernels from a script: a list of (status, listing), the last repeated."""
+    import http.server
+    import threading
+
+    script = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            status, listing = script.pop(0) if len(script) > 1 else script[0]
+            body = json.dumps(listing if status == 200 else {"message": "Unhandled error"}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", script
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_kernel_poll_reads_a_server_error_while_a_kernel_starts_as_not_settled(scripted_server, tmp_path):
+    """The CI failure of 2026-11-29: jupyter_server answered 500 to GET /api/kernels while JupyterLab started a
+    kernel, and the poll raised instead of waiting. A 500 now resets the wait; a kernel that settles after it is
+    returned, and a server that never stops failing ends in a failure that quotes the server's log."""
+    url, script = scripted_server
+    idle = {"id": "k2", "connections": 1, "execution_state": "idle"}
+    script += [(200, [{"id": "k1", "connections": 1, "execution_state": "starting"}]), (500, None), (500, None),
+               (200, [idle])]
+    assert _settled_kernel(url, tmp_path / "lab.log", timeout=30) == "k2"
+
+    script[:] = [(500, None)]
+    (tmp_path / "lab.log").write_text("KeyError: 'last_activity'")
+    with pytest.raises(pytest.fail.Exception, match=r"HTTP 5xx[\s\S]*last_activity"):
+        _settled_kernel(url, tmp_path / "lab.log", timeout=2)
+
+    script[:] = [(404, None)]  # not a transient server error: raised at once
+    with pytest.raises(urllib.error.HTTPError):
+        _kernels(url)
