@@ -79,7 +79,6 @@ PAGED = ("paged_adamw_8bit", "paged_adamw_32bit")  # state in CUDA unified memor
 OPTIMIZER_TEMP_BYTES = {"adamw_torch": 4}  # foreach AdamW: one fp32 temporary per parameter (sqrt of exp_avg_sq)
 LEVERS, COUNT_LEVERS = registry.LEVERS, tuple(registry.COUNT_LEVERS)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "auto": 2}  # auto: bfloat16 on a GPU
-LINEARS = registry.LINEARS
 QUANT_BLOCK = 64          # bitsandbytes 4-bit blocksize (weights per absmax)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with double quant
 
@@ -167,12 +166,12 @@ def linear_dims(s: dict) -> dict:
 
 def targets(target_modules: str) -> tuple[str, ...]:
     if target_modules == "all-linear":
-        return LINEARS
+        return registry.LINEARS
     names = tuple(t.strip() for t in target_modules.split(",") if t.strip())
-    bad = [n for n in names if n not in LINEARS]
+    bad = [n for n in names if n not in registry.LINEARS]
     if bad or not names:
         raise ValueError(f"target_modules={target_modules!r} is not allowed: 'all-linear' or a comma-separated "
-                         f"list of {list(LINEARS)}")
+                         f"list of {list(registry.LINEARS)}")
     return names
 
 
@@ -643,7 +642,7 @@ def _parser():
     ap.add_argument("--lora-r", type=int, default=DEFAULTS["lora_r"])
     ap.add_argument("--lora-dropout", type=float, default=DEFAULTS["lora_dropout"])
     ap.add_argument("--target-modules", default=DEFAULTS["target_modules"],
-                    help=f"'all-linear' or a comma-separated list of {list(LINEARS)}")
+                    help=f"'all-linear' or a comma-separated list of {list(registry.LINEARS)}")
     ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
     ap.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
     ap.add_argument("--grad-accum", type=int, default=DEFAULTS["grad_accum"])

@@ -46,7 +46,6 @@ PEER = "unsloth"
 PEER_PACKAGES = ("unsloth", "unsloth_zoo")
 NEEDS = "stack 'unsloth' needs a CUDA GPU and `pip install -e .[peer]`"
 OFFLINE_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-ALL_LINEAR = LINEARS  # all-linear spelled out (Llama-family names)
 PEER_QUANTS = ("nf4",)
 PEER_DTYPES = ("auto", "bfloat16")
 
@@ -188,7 +187,7 @@ def attach_lora(stack: str, net, quant: str, lora_r: int, lora_alpha: float, lor
     targets = target_names(target_modules)
     net = fast.get_peft_model(
         net, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        target_modules=list(ALL_LINEAR) if targets == "all-linear" else targets, bias="none",
+        target_modules=list(LINEARS) if targets == "all-linear" else targets, bias="none",
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False, random_state=seed,
     )
     net.train()

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from helpers import models, peer, runs, sweep
+from helpers.registry import LINEARS
 from helpers.runs import read_all
 from tests.conftest import base_config
 from tests.test_sweep import tiny_sweep
@@ -103,7 +104,7 @@ def test_stack_hf_imports_nothing_and_sets_nothing(fresh_import_state, monkeypat
 def test_all_linear_is_the_seven_projections_for_the_peer():
     assert peer.target_names("all-linear") == "all-linear"
     assert peer.target_names("q_proj, v_proj") == ["q_proj", "v_proj"]
-    assert len(peer.ALL_LINEAR) == 7
+    assert len(LINEARS) == 7
 
 
 @pytest.mark.parametrize("name", ["tiny-llama-shape", "qwen2.5-7b-shape"])
@@ -181,7 +182,7 @@ def test_the_peer_is_asked_for_the_runs_settings(tmp_path, monkeypatch, fresh_im
     (_, name, load), (_, _, attach), _, (_, _, attach_no_gc) = FakeFastLanguageModel.calls
     assert name == str(folder)
     assert load == {"max_seq_length": 96, "dtype": peer.torch.bfloat16, "load_in_4bit": True}
-    assert attach == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(peer.ALL_LINEAR),
+    assert attach == {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": list(LINEARS),
                       "bias": "none", "use_gradient_checkpointing": "unsloth", "random_state": 3}
     assert attach_no_gc["use_gradient_checkpointing"] is False and attach_no_gc["target_modules"] == ["q_proj", "v_proj"]
     # on a second GPU, the model goes there
