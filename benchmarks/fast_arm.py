@@ -29,7 +29,6 @@ Unsloth's fused LoRA kernels are its fast path at dropout 0; the question here i
 Synthetic shapes train on random tokens: cost figures only.
 """
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -37,7 +36,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import levers, models, peer, runs, sweep  # noqa: E402
-from helpers.runs import cell  # noqa: E402
 from helpers.analysis import loss_gap  # noqa: E402
 
 # The default optimised arm, measured on the H200 (7B shape, batch 4 x 512, r16; reports/fast-arm/):
@@ -240,20 +238,20 @@ def main(argv=None):
         print(f"{r['quant']}: {'arm':>10} {'runs ok':>7} " + " ".join(f"{h:>12}" for h in FIGURES.values()))
         for arm, x in r["arms"].items():
             print(f"{'':{len(r['quant']) + 1}} {label[arm]:>10} {x['runs_ok']:>7} "
-                  + " ".join(f"{cell(x[f'median_{k}'], '.2f' if k == 'peak_reserved_gib' else '.0f'):>12}"
+                  + " ".join(f"{runs.cell(x[f'median_{k}'], '.2f' if k == 'peak_reserved_gib' else '.0f'):>12}"
                              for k in FIGURES))
         ratios = r.get("median_ratios") or {"ours/plain": {k: r[f"median_{k}"] for k in RATIOS}}
         per_round = {name: [(x.get("ratios") or {"ours/plain": x}).get(name, {}) for x in r["pairs"]] for name in ratios}
         print(f"{'':{len(r['quant']) + 1}} {'median of':>10} {'speed x':>8} {'reserved x':>10} {'J/token x':>9} "
               f"{'steady J x':>10}  speed x, reserved x of each round")
         for name, x in ratios.items():
-            each = " ".join(f"{cell(y.get('tokens_per_s_ratio'), '.2f')}/{cell(y.get('peak_reserved_ratio'), '.2f')}"
+            each = " ".join(f"{runs.cell(y.get('tokens_per_s_ratio'), '.2f')}/{runs.cell(y.get('peak_reserved_ratio'), '.2f')}"
                             for y in per_round[name])
-            print(f"{'':{len(r['quant']) + 1}} {name:>10} {cell(x['tokens_per_s_ratio'], '.2f'):>8} "
-                  f"{cell(x['peak_reserved_ratio'], '.2f'):>10} {cell(x['energy_per_token_ratio'], '.2f'):>9} "
-                  f"{cell(x['energy_steady_ratio'], '.2f'):>10}  {each}")
-        print(f"{'':{len(r['quant']) + 1}} max loss gap ours vs plain {cell(r['loss_gap_max'] and 100 * r['loss_gap_max'], '.3f')}%"
-              + (f"; peer vs plain {cell(r['peer_loss_gap_max'] and 100 * r['peer_loss_gap_max'], '.3f')}% (information)"
+            print(f"{'':{len(r['quant']) + 1}} {name:>10} {runs.cell(x['tokens_per_s_ratio'], '.2f'):>8} "
+                  f"{runs.cell(x['peak_reserved_ratio'], '.2f'):>10} {runs.cell(x['energy_per_token_ratio'], '.2f'):>9} "
+                  f"{runs.cell(x['energy_steady_ratio'], '.2f'):>10}  {each}")
+        print(f"{'':{len(r['quant']) + 1}} max loss gap ours vs plain {runs.cell(r['loss_gap_max'] and 100 * r['loss_gap_max'], '.3f')}%"
+              + (f"; peer vs plain {runs.cell(r['peer_loss_gap_max'] and 100 * r['peer_loss_gap_max'], '.3f')}% (information)"
                  if a.peer else ""))
     print(f"wrote {out} in {record['wall_s']:.0f} s" + (f" ({note})" if note else ""), flush=True)
     return record

@@ -28,7 +28,6 @@ Writes the JSON to --out and the table as CSV beside it (same name, .csv).
 import argparse
 import csv
 import gc
-import json
 import math
 import sys
 import time
@@ -39,7 +38,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import levers, models, peer, runs  # noqa: E402 - none of these imports transformers at import time
 from helpers.data import random_blocks  # noqa: E402
-from helpers.runs import cell  # noqa: E402
 
 GIB = 2**30
 
@@ -242,9 +240,9 @@ def main(argv=None):
     print(f"{'budget GiB':>10} {'max seq_len':>11} {'fails at':>9} {'reserved GiB':>12} {'+non-torch GiB':>14} "
           f"{'step s':>7}")
     for r in results:
-        print(f"{cell(r['budget_gib'], 'g'):>10} {cell(r['max_seq_len'], 'd'):>11} "
-              f"{cell(r.get('first_failing_seq_len'), 'd'):>9} {cell(r.get('peak_reserved_gib'), '.2f'):>12} "
-              f"{cell(r.get('non_torch_gib'), '.2f'):>14} {cell(r.get('step_s'), '.2f'):>7}  {r['note']}")
+        print(f"{runs.cell(r['budget_gib'], 'g'):>10} {runs.cell(r['max_seq_len'], 'd'):>11} "
+              f"{runs.cell(r.get('first_failing_seq_len'), 'd'):>9} {runs.cell(r.get('peak_reserved_gib'), '.2f'):>12} "
+              f"{runs.cell(r.get('non_torch_gib'), '.2f'):>14} {runs.cell(r.get('step_s'), '.2f'):>7}  {r['note']}")
     print(f"wrote {out} and {out.with_suffix('.csv')} in {record['wall_s']:.0f} s", flush=True)
     return record
 

@@ -27,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import levers, models, runs, telemetry  # noqa: E402
 from helpers.data import random_blocks  # noqa: E402
-from helpers.runs import cell  # noqa: E402
 from helpers.train import attach_lora  # noqa: E402
 
 GIB = 2**30
@@ -101,7 +100,7 @@ def main(argv=None):
     print(f"{a.model} {a.quant} r{a.lora_r} batch {a.batch_size} x {a.seq_len} on {device}, checkpointing "
           f"{not a.no_checkpointing}, levers {({k: v for k, v in lever_cfg.items() if v}) or 'none'}", flush=True)
 
-    reference, off_again = None, []
+    reference = None
     times = {m: [] for m in MODES}
     diffs = {m: [] for m in MODES}
     peaks = {m: {"peak_allocated_gib": 0.0, "peak_reserved_gib": 0.0} for m in MODES}
@@ -143,8 +142,8 @@ def main(argv=None):
     for m, x in results.items():
         verdict = "same bits" if x["same_bits"] else ("within off's noise" if x["within_off_noise"] else "DIFFERS")
         print(f"{m:>11} {x['median_pass_s']:7.3f} {x['tokens_per_s']:9.0f} "
-              f"{x['tokens_per_s'] / results['off']['tokens_per_s']:6.2f} {cell(x['peak_allocated_gib'], '.2f'):>9} "
-              f"{cell(x['peak_reserved_gib'], '.2f'):>12} {x['max_diff_from_off']:9.3g}  {verdict}")
+              f"{x['tokens_per_s'] / results['off']['tokens_per_s']:6.2f} {runs.cell(x['peak_allocated_gib'], '.2f'):>9} "
+              f"{runs.cell(x['peak_reserved_gib'], '.2f'):>12} {x['max_diff_from_off']:9.3g}  {verdict}")
     print(f"wrote {a.out} in {record['wall_s']:.0f} s", flush=True)
     return record
 

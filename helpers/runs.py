@@ -13,9 +13,9 @@ from pathlib import Path
 from .data import RANDOM_CORPUS, check_corpus
 from .gpus import visible_gpus
 from .paths import PROJECT_ROOT
-from .params import NOT_IN_ID, OFF_NOT_IN_ID, check_types, run_id, type_problem  # noqa: F401 - known from here too
+from .params import check_types, run_id
 from .sidecars import (  # noqa: F401 - re-exported: the notebook and the sweep know them from here
-    ENV_COLUMNS, OOM_PATTERNS, SIDECAR_VERSION, is_oom, notebook_problem, progress_path, read_all, read_sidecar,
+    ENV_COLUMNS, SIDECAR_VERSION, is_oom, notebook_problem, progress_path, read_all, read_sidecar,
     summary_rows, write_sidecar, write_summary,
 )
 from .models import (

@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 
 from . import cluster
-from .gpus import pinned, visible_gpus  # noqa: F401 - visible_gpus is the queue's, known from here too
+from .gpus import pinned, visible_gpus
 from .kernels import kernel_manager_class
 from .paths import LOCAL_REPORTS, PROJECT_ROOT
 from .report import build_report
