@@ -146,14 +146,18 @@ def _fill_added_later(summary: pd.DataFrame, keys) -> None:
                 summary[k] = pd.to_numeric(summary[k], errors="coerce")  # one type: 0 and 0.0 are one value
 
 
+def quant_rank(quant) -> int:
+    """A quantization's place in the reading and chart order (registry.QUANT_ORDER: 16-bit first); others after."""
+    return QUANT_ORDER.index(quant) if quant in QUANT_ORDER else len(QUANT_ORDER)
+
+
 def _config_keys(records) -> set:
     return {k for r in records for k in (r.get("config") or {}) if k != "run_id"}
 
 
 def _sort_runs(df: pd.DataFrame) -> pd.DataFrame:
     """Runs in a reading order: model, then 16-bit before quantized, then rank, budget, seed."""
-    quant_rank = df["quant"].map(lambda q: QUANT_ORDER.index(q) if q in QUANT_ORDER else len(QUANT_ORDER))
-    keys = pd.DataFrame({"model": df["model"].astype(str), "q": quant_rank,
+    keys = pd.DataFrame({"model": df["model"].astype(str), "q": df["quant"].map(quant_rank),
                          "r": pd.to_numeric(df["lora_r"], errors="coerce")})
     for extra in ("seq_len", "vram_budget_gib", "seed"):
         if extra in df.columns:

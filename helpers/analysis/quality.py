@@ -9,9 +9,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from ..registry import QUANT_ORDER
-from .load import config_labels
+from .load import config_labels, quant_rank
 from .rows import (PALETTE, budget_label, by_config, drawn, machines_note, own_costs, pareto_front, q4_1_note,
-                   quality_rows, side_by_side_note)
+                   quality_rows, quants_in, side_by_side_note)
 
 
 # --- perplexity before and after training, against LoRA rank ------------------------------------------------------
@@ -110,8 +110,7 @@ def loss_bands(sel: dict) -> list[dict]:
     """Per group (configuration): its quant, and per step the mean, lowest and highest loss over the group's judged
     runs (finished ones; all its runs where none finished), with how many runs that is."""
     groups = {}
-    quant_rank = {q: i for i, q in enumerate(QUANT_ORDER)}
-    for r in sorted(sel["runs"], key=lambda r: (quant_rank.get(r["quant"], len(QUANT_ORDER)), r["lora_r"], r["group"])):
+    for r in sorted(sel["runs"], key=lambda r: (quant_rank(r["quant"]), r["lora_r"], r["group"])):
         groups.setdefault(r["group"], []).append(r)  # in reading order: 16-bit first, then by rank
     out = []
     for name, rs in groups.items():
@@ -151,7 +150,7 @@ def loss_figure(sel: dict) -> go.Figure:
                                  meta=r["quant"], visible=False, hovertemplate="step %{x}<br>loss %{y:.3f}"))
         kinds.append("run")
         quants.append(r["quant"])
-    order = [q for q in QUANT_ORDER if q in quants] + sorted(set(quants) - set(QUANT_ORDER))
+    order = quants_in(quants)
 
     def show(kind, quant=None):
         return [{"visible": [k == kind and (quant is None or q == quant) for k, q in zip(kinds, quants)]}]

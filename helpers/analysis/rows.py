@@ -6,8 +6,7 @@ import math
 
 import pandas as pd
 
-from ..registry import QUANT_ORDER
-from .load import config_labels
+from .load import config_labels, quant_rank
 
 Q4_1_NOTE = "smollm2-135m's weights were already rounded to 4 bits (Q4_1) in the GGUF it ships as"
 UNKNOWN_MACHINE = "machine not recorded"
@@ -34,10 +33,10 @@ def by_config(df: pd.DataFrame, cols) -> pd.DataFrame:
     return out.reindex(order)
 
 
-def quants_in(rows: pd.DataFrame) -> list:
-    """The quantizations of these rows, in the chart order (QUANT_ORDER), unknown ones last."""
-    present = set(rows["quant"])
-    return [q for q in QUANT_ORDER if q in present] + sorted(present - set(QUANT_ORDER))
+def quants_in(quants) -> list:
+    """These quantizations (a column of them, or any iterable) once each, in the chart order (load.quant_rank),
+    unknown ones last and alphabetical."""
+    return sorted(set(quants), key=lambda q: (quant_rank(q), q))
 
 
 def vs_16bit(rows: pd.DataFrame, col: str) -> dict:
@@ -49,10 +48,8 @@ def vs_16bit(rows: pd.DataFrame, col: str) -> dict:
     key = config_labels(rows, exclude=("quant",)) + " @ " + machine_keys(rows)  # ratios within one machine only
     base = rows[rows["quant"] == "none"].groupby(key[rows["quant"] == "none"])[col].median()
     out = {}
-    for quant in [q for q in QUANT_ORDER if q != "none"] + sorted(set(rows["quant"]) - set(QUANT_ORDER)):
+    for quant in [q for q in quants_in(rows["quant"]) if q != "none"]:
         mine = rows["quant"] == quant
-        if not mine.any():
-            continue
         vals = rows[mine].groupby(key[mine])[col].median()
         shared = vals.index.intersection(base.index)
         if len(shared):

@@ -19,7 +19,7 @@ from .stats import (FLAT_RULE, ci_words, flattening_rank_paired, mean_ci95, pair
 def _paired_gaps(rows: pd.DataFrame, col: str) -> list[str]:
     """'<quant> <ratio words>' for each quantization's col over the unquantized arm's, paired by seed and rank."""
     gaps = []
-    for q in [x for x in quants_in(rows) if x != "none"]:
+    for q in [x for x in quants_in(rows["quant"]) if x != "none"]:
         mean, half, n, exact = paired_ratio_ci(rows, col, q)
         if n:
             gaps.append(f"{q} {ratio_words(mean, half, exact)}")
@@ -73,7 +73,7 @@ def quant_gap_rows(summary: pd.DataFrame):
         return f"No quantization-only gap with intervals: {problem}."
     if "none" not in set(rows["quant"]):
         return "No quantization-only gap: the sweep has no unquantized (quant none) arm to compare with." + note
-    quants = quants_in(rows)
+    quants = quants_in(rows["quant"])
     return {"runs": rows, "note": note, "quants": quants,
             "stats": {q: mean_ci95(rows.loc[rows["quant"] == q, "ppl_before"]) for q in quants}}
 
