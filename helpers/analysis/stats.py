@@ -83,23 +83,18 @@ def ppl_ci_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_ratio_ci(rows: pd.DataFrame, col: str, quant: str) -> tuple[float, float, int, bool]:
-    """quant's col over the unquantized arm's (quant none), paired by seed and by every other config key.
+    """quant's col over the unquantized arm's (quant none), paired by seed and by every other config key
+    (paired_differences).
 
     Per seed, the ratio at each shared configuration (e.g. each rank) is averaged; the seeds' averages give
     (mean, 95% half width, n_seeds, exact). exact: every paired ratio is the same number (a deterministic
     figure such as ppl_before on one device), so the ratio has no sampling spread at all.
     """
-    rows = rows[rows[col].notna()]
-    key = config_labels(rows, exclude=("quant",)) + " · seed " + rows["seed"].astype(str)
-    base = rows[rows["quant"] == "none"].groupby(key[rows["quant"] == "none"])[col].mean()
-    mine = rows["quant"] == quant
-    vals = rows[mine].groupby(key[mine])[col].mean()
-    shared = vals.index.intersection(base.index)
-    if not len(shared):
+    pairs = paired_differences(rows, col, rows["quant"] == quant, rows["quant"] == "none", key_exclude=("quant",))
+    if pairs.empty:
         return math.nan, math.nan, 0, False
-    ratio = vals[shared] / base[shared]
-    seed = rows[mine].groupby(key[mine])["seed"].first()[shared]
-    per_seed = ratio.groupby(seed.values).mean()
+    ratio = pairs["a"] / pairs["b"]
+    per_seed = ratio.groupby(pairs["seed"].values).mean()
     exact = bool(ratio.max() - ratio.min() <= 1e-12 * abs(ratio.mean()))
     mean, half, n = mean_ci95(per_seed)
     return mean, (0.0 if exact else half), n, exact
