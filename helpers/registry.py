@@ -49,13 +49,6 @@ EMBEDDED = {
 }
 
 
-# Synthetic architectures: the exact shapes of public checkpoints (copied from their config.json), with
-# random weights written once into the cache, so they load through the same path as real weights and
-# load time and memory are those of a real checkpoint. Time, memory and energy depend on shapes, not
-# values; their perplexity (random weights on random tokens) is recorded but is never a quality figure.
-# They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
-# "stored" (optional): the checkpoint is written already quantized with this quant (helpers.models.write_synthetic),
-# for shapes whose 16-bit checkpoint would not fit a GPU machine's disk; a run of it must use that quant.
 # What every Llama 3 checkpoint's config.json shares (vocabulary, attention heads, context, RoPE, special tokens),
 # and its RoPE scaling, whose factor differs between sizes
 LLAMA3 = dict(model_type="llama", vocab_size=128256, num_attention_heads=32, num_key_value_heads=8,
@@ -68,6 +61,13 @@ def llama3_rope(factor: float) -> dict:
             "original_max_position_embeddings": 8192}
 
 
+# Synthetic architectures: the exact shapes of public checkpoints (copied from their config.json), with
+# random weights written once into the cache, so they load through the same path as real weights and
+# load time and memory are those of a real checkpoint. Time, memory and energy depend on shapes, not
+# values; their perplexity (random weights on random tokens) is recorded but is never a quality figure.
+# They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
+# "stored" (optional): the checkpoint is written already quantized with this quant (helpers.models.write_synthetic),
+# for shapes whose 16-bit checkpoint would not fit a GPU machine's disk; a run of it must use that quant.
 SYNTHETIC = {
     "llama-2-7b-shape": {
         "shape_of": "meta-llama/Llama-2-7b-hf",  # 6.74 B parameters, MHA (32 KV heads), 4k context
@@ -132,6 +132,8 @@ def is_synthetic(model: str) -> bool:
 def stored_quant(model: str) -> str | None:
     """The quant a synthetic checkpoint is written in (None: bf16, quantized at load like any checkpoint)."""
     return SYNTHETIC.get(model, {}).get("stored")
+
+
 def upcasts_to_fp32(quant: str, keep_16bit: bool = False, fp32_upcast: bool = False) -> bool:
     """Whether norms, embeddings and head train in float32: the precision half of the 2 x 2 of quantization and
     precision (parameters/precision.yaml), decided here only.

@@ -6,6 +6,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.io.base_renderers import MimetypeRenderer
 
+
 class _ReportHtmlRenderer(MimetypeRenderer):
     """text/html for nbconvert: each figure's div and its Plotly.newPlot call, nothing else.
 

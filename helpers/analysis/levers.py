@@ -32,17 +32,9 @@ def _lever_label(row, plain: dict = PLAIN_STACK) -> str:
 # gradient would pass it), so the check asks what a broken lever cannot give: the same *fall* of the training loss
 # and the same held-out perplexity after training, and says "cannot tell" where the plain run learned too little.
 CHECK_WINDOW = 0.1      # the first and last 10% of the logged steps (at least one) give the loss's start and end
-
-
 CHECK_MIN_FALL = 0.10   # the plain run's loss must fall by >= 10% of its start, else no lever can be told apart
-
-
 CHECK_FALL_TOL = 0.05   # pass: the lever's fall is 95-105% of the plain run's ...
-
-
 CHECK_PPL_TOL = 0.01    # ... and its ppl_after within 1% of the plain run's
-
-
 CHECK_RULE = (f"pass: the plain run's training loss fell >= {100 * CHECK_MIN_FALL:g}% (mean of the first vs the last "
               f"{100 * CHECK_WINDOW:g}% of the logged steps), the lever's fell {100 * (1 - CHECK_FALL_TOL):g}–"
               f"{100 * (1 + CHECK_FALL_TOL):g}% as much over the same steps, and its held-out perplexity after "
@@ -149,7 +141,6 @@ def lever_table(summary: pd.DataFrame, history: pd.DataFrame | None = None) -> p
     out["is_plain"] = out["levers"] == "plain"  # plain first in each configuration, then fastest first
     out = out.sort_values(["context", "is_plain", "speed_x"], ascending=[True, False, False])
     return out.set_index("context")[cols]
-
 
 
 def lever_rows(summary: pd.DataFrame, table: pd.DataFrame | None = None):
