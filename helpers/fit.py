@@ -65,6 +65,7 @@ import sys
 from pathlib import Path
 
 from . import registry
+from .files import atomic_write
 from .sidecars import read_sidecar
 
 GIB = 2**30
@@ -488,20 +489,19 @@ def validation_summary(rows: list[dict]) -> dict:
 
 
 def write_validation(path: str | Path = "reports/fit/validation.csv", rows: list[dict] | None = None) -> Path:
-    """validation_table() as a CSV (written to a temporary file, then renamed)."""
+    """validation_table() as a CSV, written atomically (files.atomic_write)."""
     import csv
 
     rows = rows if rows is not None else validation_table()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
+
+    def write(f):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
             w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    tmp.replace(path)
-    return path
+    return atomic_write(path, write)
 
 
 # --- the inverse: what fits a card -------------------------------------------------------------------------------
