@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from helpers import fit, sweep  # noqa: E402
+from helpers.files import atomic_write  # noqa: E402
 
 
 def write(sweep_file: Path, out: Path) -> None:
@@ -26,13 +27,13 @@ def write(sweep_file: Path, out: Path) -> None:
     rows = fit.preregistration_rows(configs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with tmp.open("w", newline="") as f:
+
+    def table(f):
         w = csv.DictWriter(f, fieldnames=[*fit.PREREG_COLUMNS, "predictor_commit"])
         w.writeheader()
         for r in rows:
             w.writerow({**r, "predictor_commit": commit})
-    tmp.replace(out)
+    atomic_write(out, table)
     oom = sum(r["predicted_status"] == "oom" for r in rows)
     print(f"{out}: {len(rows)} runs of {sweep_file} predicted ({oom} to run out of memory under their cap), "
           f"helpers/fit.py at {commit}")
