@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import fit  # noqa: E402
 
+
 def rows():
     return [r for r in fit.measured_runs() if not r["source"].startswith(fit.MEASURED_AFTER_FIT)]  # never fitted on
 
