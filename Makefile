@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 model: setup
-	$(PY) -m helpers.models
+	$(PY) -m helpers.training.models
 
 study: model
 	$(PY) -m helpers.sweep $(SWEEP)

@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
-from helpers import data, models, telemetry
-from helpers.train import attach_lora, make_trainer
+from helpers.training import data, models, telemetry
+from helpers.training.train import attach_lora, make_trainer
 
 
 def main():

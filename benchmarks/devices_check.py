@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers.sidecars import read_all  # noqa: E402
+from helpers.records.sidecars import read_all  # noqa: E402
 
 MEMORY_TOLERANCE = 0.01
 MEMORY = ("peak_allocated_gib", "peak_reserved_gib", "peak_nvml_process_used_gib")

@@ -11,7 +11,7 @@
         --levers chunked_loss=4,keep_16bit --rounds 1 --steps 4 --warmup 1 --out /tmp/fa.json   # CPU smoke run
 
 For each quantization, the plain configuration (every lever off), ours (the --levers given) and, with --peer, the
-peer stack (notebook parameter `stack`, helpers/peer.py: none of our levers, but the same optimizer, batch,
+peer stack (notebook parameter `stack`, helpers/training/peer.py: none of our levers, but the same optimizer, batch,
 accumulation and gradient checkpointing as our arm) run as the training notebook, each in a fresh kernel, in
 rounds whose order reverses each round (A B C, C B A, A B C, ...), so a drift of the shared machine falls on
 every arm. Every run uses the same seed and data. Printed per quantization: each arm's median tokens/s (steady
@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import levers, models, peer, runs, sweep  # noqa: E402
+from helpers.training import levers, models, peer, runs  # noqa: E402
+from helpers.sweeps import sweep
 from helpers.analysis import loss_gap  # noqa: E402
 
 # The default optimised arm, measured on the H200 (7B shape, batch 4 x 512, r16; reports/fast-arm/):

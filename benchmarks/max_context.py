@@ -16,7 +16,7 @@ Labels, as everywhere in this study: a budget is an *emulation* (an allocator ca
 CUDA context and non-torch memory are outside it, and are reported beside it); a synthetic model's figures
 are cost figures only. Lengths beyond the model's context (--max-seq above it) are memory figures only.
 On a CPU there is no allocator cap: one bisection without a budget is run (a smoke test of the procedure).
---stack unsloth loads the model and attaches LoRA with Unsloth (helpers/peer.py: its own checkpointing, none of
+--stack unsloth loads the model and attaches LoRA with Unsloth (helpers/training/peer.py: its own checkpointing, none of
 our levers, max_seq_length = --max-seq); the cap, the probe, the optimizer and the dropout are the same as ours.
 Unsloth must be imported before transformers, so this script imports helpers.telemetry (which imports
 transformers) only after peer.import_first, inside main and probe.
@@ -36,15 +36,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import levers, models, peer, runs  # noqa: E402 - none of these imports transformers at import time
-from helpers.data import random_blocks  # noqa: E402
+from helpers.training import levers, models, peer, runs  # noqa: E402 - none of these imports transformers at import time
+from helpers.training.data import random_blocks  # noqa: E402
 
 GIB = 2**30
 
 
 def probe(net, opt, seq_len: int, vocab: int, device: str, nvml, lever_cfg=None) -> dict:
     """One training step at batch 1; returns pass/fail with memory and time. Never raises an OOM."""
-    from helpers import telemetry  # after peer.import_first (see the module docstring)
+    from helpers.training import telemetry  # after peer.import_first (see the module docstring)
 
     on_gpu = device.startswith("cuda")
     if on_gpu:
@@ -117,7 +117,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto")
     ap.add_argument("--time-limit", type=float, default=0, help="seconds; stop probing after this (0: none)")
     ap.add_argument("--out", required=True, help="JSON path; the CSV table goes beside it")
-    g = ap.add_argument_group("levers (helpers/levers.py; all off: the plain stack)")
+    g = ap.add_argument_group("levers (helpers/training/levers.py; all off: the plain stack)")
     g.add_argument("--fused-kernels", action="store_true", help="Liger's Triton kernels (CUDA only)")
     g.add_argument("--torch-compile", action="store_true", help="torch.compile each decoder layer")
     g.add_argument("--offload-activations", action="store_true", help="saved activations to pinned host memory")
@@ -129,7 +129,7 @@ def main(argv=None):
 
     device = runs.resolve_device(a.device)
     peer.import_first(a.stack, device)  # first: Unsloth patches transformers only if imported before it
-    from helpers import telemetry
+    from helpers.training import telemetry
 
     on_gpu = device.startswith("cuda")
     for name, value, allowed in peer.problems({**lever_cfg, "quant": a.quant, "stack": a.stack}):

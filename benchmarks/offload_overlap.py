@@ -1,5 +1,5 @@
 """offload_activations on a GPU, three ways in one process: off, torch's save_on_cpu, and HostOffload (its copies
-overlapping compute, helpers/levers.py): the same numbers first, then each one's pass time and peak memory.
+overlapping compute, helpers/training/levers.py): the same numbers first, then each one's pass time and peak memory.
 
     python benchmarks/offload_overlap.py --out reports/fast-arm/offload_overlap.json        # GPU, 7B shape: ~1.5 min
     python benchmarks/offload_overlap.py --torch-compile --keep-16bit --out reports/fast-arm/offload_overlap-c.json
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from helpers import levers, models, runs, telemetry  # noqa: E402
-from helpers.data import random_blocks  # noqa: E402
-from helpers.train import attach_lora  # noqa: E402
+from helpers.training import levers, models, runs, telemetry  # noqa: E402
+from helpers.training.data import random_blocks  # noqa: E402
+from helpers.training.train import attach_lora  # noqa: E402
 
 GIB = 2**30
 MODES = ("off", "save_on_cpu", "overlapped")

@@ -30,7 +30,7 @@ FIGURES = ("status", "params_trainable", "weights_gib", "peak_allocated_gib", "p
 def regression(reports: Path) -> None:
     import papermill
 
-    from helpers.sweep import TRAIN_NOTEBOOK
+    from helpers.sweeps.sweep import TRAIN_NOTEBOOK
 
     for rid in RUN_IDS:
         before = json.loads((PUBLISHED / f"{rid}.json").read_text())
@@ -56,7 +56,7 @@ def regression(reports: Path) -> None:
 def write_70b() -> None:
     import torch
 
-    from helpers import models
+    from helpers.training import models
 
     name = "llama-3.1-70b-shape"
     t0 = time.perf_counter()

@@ -51,7 +51,7 @@ def base_config(**kw):
     """The training notebook's defaults (read from its parameters cell), with overrides."""
     import papermill
 
-    from helpers.sweep import notebook_parameters
+    from helpers.sweeps.sweep import notebook_parameters
 
     cfg = {k: v["default"] for k, v in notebook_parameters().items()}
     cfg.update(kw)

@@ -1,5 +1,5 @@
 """The analysis of a sweep folder: corrupt entries are marked and skipped, takeaways follow the data,
-charts without data say why. Fake sweeps are written with helpers.runs.write_sidecar, like real runs."""
+charts without data say why. Fake sweeps are written with helpers.training.runs.write_sidecar, like real runs."""
 import copy
 import json
 import math
@@ -9,7 +9,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from helpers import analysis, runs
+from helpers import analysis
+from helpers.training import runs
 
 BASE_CONFIG = {
     "model": "smollm2-135m", "quant": "nf4", "dtype": "auto", "double_quant": True, "corpus": "pydoc",
@@ -322,8 +323,8 @@ def test_plan_status_counts_the_planned_runs_with_a_result_and_names_what_is_mis
     import pandas as pd
     import yaml
 
-    from helpers.sidecars import write_plan
-    from helpers.sweep import expand, load_sweep
+    from helpers.records.sidecars import write_plan
+    from helpers.sweeps.sweep import expand, load_sweep
 
     spec = {"name": "plan", "base": {"model": "smollm2-135m", "max_steps": 4},
             "grid": {"quant": ["none", "nf4"], "lora_r": [4, 8]}, "repeats": 2}
@@ -431,8 +432,8 @@ def test_plan_status_names_a_missing_lever_run_by_its_lever(tmp_path):
     import pandas as pd
     import yaml
 
-    from helpers.sidecars import write_plan
-    from helpers.sweep import expand, load_sweep
+    from helpers.records.sidecars import write_plan
+    from helpers.sweeps.sweep import expand, load_sweep
 
     spec = {"name": "levers", "base": {"model": "smollm2-135m", "max_steps": 4},
             "grid": [{"quant": ["nf4"]}, {"gradient_checkpointing": [False]}, {"tiled_mlp": [4]}, {"chunked_loss": [8]}]}

@@ -8,9 +8,11 @@ import plotly.graph_objects as go
 import pytest
 import yaml
 
-from helpers import analysis, sidecars, sweep
+from helpers import analysis
+from helpers.records import sidecars
+from helpers.sweeps import sweep
 from helpers.analysis import cost, quality, rows
-from helpers.registry import ADDED_LATER, LEVERS, PLAIN_STACK
+from helpers.records.registry import ADDED_LATER, LEVERS, PLAIN_STACK
 from test_analysis import fake_record, make_sweep, write_run
 
 
@@ -122,7 +124,7 @@ def test_cost_quality_labels_only_the_front_and_names_every_point_on_hover(tmp_p
 
 
 def test_a_sweep_writes_summary_csv_once_and_its_report_reads_the_same_runs(tmp_path, monkeypatch):
-    from helpers import report
+    from helpers.sweeps import report
 
     spec = {"name": "once", "base": {"max_steps": 4}, "grid": {"quant": ["none"], "lora_r": [4]}}
     path = tmp_path / "once.yaml"

@@ -10,8 +10,8 @@ import yaml
 
 ray = pytest.importorskip("ray", reason="ray is not installed: pip install -e '.[test]' (or '.[cluster]')")
 
-from helpers import cluster, sweep  # noqa: E402
-from helpers.sidecars import notebook_problem, read_all  # noqa: E402
+from helpers.sweeps import cluster, sweep  # noqa: E402
+from helpers.records.sidecars import notebook_problem, read_all  # noqa: E402
 from tests.test_devices import write_fake_notebook  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import data
+from helpers.training import data
 from tests.conftest import tiny_tokenizer
 
 

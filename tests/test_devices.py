@@ -9,8 +9,8 @@ import nbformat
 import pytest
 import yaml
 
-from helpers import sweep
-from helpers.sidecars import read_all
+from helpers.sweeps import sweep
+from helpers.records.sidecars import read_all
 from tests.test_sweep import ctrl_c, start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAKE_RUN = '''
 import json, os, time
 from pathlib import Path
-from helpers.sidecars import write_sidecar
+from helpers.records.sidecars import write_sidecar
 t0 = time.time()
 if os.environ.get("FAKE_STARTED_DIR"):
     Path(os.environ["FAKE_STARTED_DIR"], run_id).touch()

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from helpers.evaluate import perplexity
+from helpers.training.evaluate import perplexity
 
 
 def test_perplexity_matches_hand_computation(tiny_model):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import data, runs, sweep
+from helpers.training import data, runs
+from helpers.sweeps import sweep
 from tests.conftest import base_config
 from tests.test_sweep import GOOD, ROOT, ctrl_c, start, tiny_sweep, wait_for, write
 
@@ -94,7 +95,7 @@ def test_summary_on_a_full_disk_leaves_no_temp_file(small_disk):
 
 
 def test_atomic_write_of_bytes_and_of_a_writer(tmp_path):
-    from helpers import files
+    from helpers.records import files
 
     files.atomic_write(tmp_path / "b", b"\x00\x01")
     files.atomic_write(tmp_path / "t", lambda f: f.write("ok"))

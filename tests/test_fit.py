@@ -1,4 +1,4 @@
-"""The memory predictor (helpers/fit.py): no torch, names that agree with the notebook, shapes that agree with the
+"""The memory predictor (helpers/fit/): no torch, names that agree with the notebook, shapes that agree with the
 published checkpoints, the issue's accuracy bars on every committed GPU measurement, the inverse, the CLI's
 errors, the pre-registration and the notebook."""
 import csv
@@ -9,7 +9,10 @@ import sys
 import nbformat
 import pytest
 
-from helpers import fit, levers, registry, sweep, train
+from helpers import fit
+from helpers.training import levers, train
+from helpers.records import registry
+from helpers.sweeps import sweep
 from tests.test_synthetic import PUBLISHED_PARAMS
 
 ROOT = fit.Path(__file__).resolve().parents[1]
@@ -199,7 +202,7 @@ def test_notebook_report_renders_offline_in_chromium(tmp_path):
 
 def test_constants_are_what_the_fitter_gives(monkeypatch):
     """No hand-tuned constant: tools/fit_constants.py, run on the committed measurements, lands on the values
-    helpers/fit.py holds (it starts from them, so this also checks they are a fixed point of the search)."""
+    helpers/fit/ holds (it starts from them, so this also checks they are a fixed point of the search)."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         import fit_constants

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from helpers import analysis, evaluate, models, runs, telemetry
-from helpers.train import attach_lora, make_trainer
+from helpers import analysis
+from helpers.training import evaluate, models, runs, telemetry
+from helpers.training.train import attach_lora, make_trainer
 
 
 def test_curve_is_scored_at_every_nth_and_last_step_and_left_out_of_step_times(tiny_model_dir, monkeypatch):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.paths import PROJECT_ROOT
+from helpers.records.paths import PROJECT_ROOT
 
 pytest.importorskip("playwright")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,11 +4,11 @@ import sys
 
 import nbformat
 
-from helpers.paths import PROJECT_ROOT
+from helpers.records.paths import PROJECT_ROOT
 
 SCRIPT = """
 import sys, papermill
-from helpers.kernels import papermill_options
+from helpers.sweeps.kernels import papermill_options
 papermill.execute_notebook(sys.argv[1], sys.argv[2], kernel_name="python3", progress_bar=False, **papermill_options())
 """
 
@@ -24,7 +24,7 @@ def test_a_kernel_starts_without_the_tcp_warning(tmp_path):
 
 
 def test_importing_bitsandbytes_through_helpers_prints_no_hub_kernel_warning():
-    proc = subprocess.run([sys.executable, "-c", "import helpers.runs, bitsandbytes"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", "import helpers.training.runs, bitsandbytes"], capture_output=True, text=True,
                           cwd=PROJECT_ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "kernels-community" not in proc.stderr, proc.stderr

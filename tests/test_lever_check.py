@@ -6,9 +6,10 @@ the new check says it cannot tell there."""
 import pytest
 import torch
 
-from helpers import analysis, levers, models
-from helpers.evaluate import perplexity
-from helpers.train import attach_lora, make_trainer
+from helpers import analysis
+from helpers.training import levers, models
+from helpers.training.evaluate import perplexity
+from helpers.training.train import attach_lora, make_trainer
 
 CYCLE = torch.randperm(128, generator=torch.Generator().manual_seed(0))[:8]
 TARGETS = "q_proj,v_proj,down_proj"  # six adapters in two layers: one of them is a sixth of what learns

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from helpers import levers, models, runs
-from helpers.train import attach_lora, make_trainer
+from helpers.training import levers, models, runs
+from helpers.training.train import attach_lora, make_trainer
 
 PLAIN = levers.config_of({})
 

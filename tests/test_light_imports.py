@@ -3,10 +3,11 @@ the registry of names and the memory predictor load in a process that has no tor
 import subprocess
 import sys
 
-from helpers.paths import PROJECT_ROOT
+from helpers.records.paths import PROJECT_ROOT
 
-LIGHT = ("helpers.analysis", "helpers.reference", "helpers.sidecars", "helpers.registry", "helpers.paths", "helpers.fit",
-         "helpers.fitplots")
+LIGHT = ("helpers.analysis", "helpers.analysis.reference", "helpers.records", "helpers.records.sidecars",
+         "helpers.records.registry", "helpers.records.paths", "helpers.records.params", "helpers.records.gpus", "helpers.fit",
+         "helpers.fit.plots")
 
 
 def test_the_reading_side_does_not_import_torch():
@@ -18,8 +19,8 @@ def test_the_reading_side_does_not_import_torch():
 
 
 def test_the_analysis_imports_neither_the_runner_nor_papermill():
-    code = ("import sys; import helpers.analysis; print(sorted(m for m in ('torch', 'papermill', 'helpers.sweep', "
-            "'helpers.report', 'helpers.runs') if m in sys.modules))")
+    code = ("import sys; import helpers.analysis; print(sorted(m for m in ('torch', 'papermill', 'helpers.sweeps', "
+            "'helpers.sweeps.report', 'helpers.training', 'helpers.training.runs') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import models
+from helpers.training import models
 
 
 def test_embedded_model_needs_no_hub():

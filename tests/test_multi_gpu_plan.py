@@ -1,8 +1,10 @@
 """parameters/multi-gpu.yaml's dry run and the per-GPU memory prediction it prints (helpers.fit.predict_per_gpu)."""
 import pytest
 
-from helpers import fit, registry, sweep
-from helpers.paths import PROJECT_ROOT
+from helpers import fit
+from helpers.records import registry
+from helpers.sweeps import sweep
+from helpers.records.paths import PROJECT_ROOT
 
 SEVENTY_B = "llama-3.1-70b-shape"
 # Llama-3.1-70B's config.json values, for a branch whose registry does not have the shape yet (the other issue-19

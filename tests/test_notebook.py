@@ -5,7 +5,7 @@ import math
 import papermill
 import pytest
 
-from helpers.sweep import TRAIN_NOTEBOOK
+from helpers.sweeps.sweep import TRAIN_NOTEBOOK
 
 FAST = dict(max_steps=3, seq_len=64, batch_size=2, eval_blocks=4, timing_warmup_steps=1, warmup_steps=1)
 

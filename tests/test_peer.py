@@ -1,4 +1,4 @@
-"""The training stack switch (helpers/peer.py, notebook parameter `stack`): bad values refused before anything
+"""The training stack switch (helpers/training/peer.py, notebook parameter `stack`): bad values refused before anything
 runs, the peer refused clearly where it cannot load (a CPU, the package missing) with the sweep going on, and a
 CPU user without the [peer] extra seeing nothing change."""
 import subprocess
@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import models, peer, runs, sweep
-from helpers.registry import LINEARS
-from helpers.runs import read_all
+from helpers.training import models, peer, runs
+from helpers.sweeps import sweep
+from helpers.records.registry import LINEARS
+from helpers.training.runs import read_all
 from tests.conftest import base_config
 from tests.test_sweep import tiny_sweep
 
@@ -54,7 +55,7 @@ def test_the_default_stack_keeps_its_run_ids_and_the_peer_gets_its_own():
 
 
 def test_importing_peer_imports_neither_transformers_nor_peft():
-    code = "import sys, helpers.peer; print(sorted(m for m in ('transformers', 'peft', 'unsloth') if m in sys.modules))"
+    code = "import sys, helpers.training.peer; print(sorted(m for m in ('transformers', 'peft', 'unsloth') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -198,7 +199,7 @@ def test_the_notebook_imports_the_peer_before_anything_else():
     nb = nbformat.read(ROOT / "notebooks" / "01_train.ipynb", as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert "parameters" in code[0].metadata.get("tags", []) and "import" not in code[0].source
-    assert code[1].source.startswith("from helpers import peer\npeer.import_first(stack, device)")
+    assert code[1].source.startswith("from helpers.training import peer\npeer.import_first(stack, device)")
 
 
 def test_max_context_imports_no_transformers_before_it_chooses_the_stack():

@@ -1,6 +1,6 @@
 """The project's perplexity of the real default model (unquantized, float32, before training) against a second,
 independent computation: a separately loaded copy of the model (transformers' own from_pretrained of the cached
-folder, not helpers.models.load_model), its raw logits log-softmaxed in float64, one block at a time, the next
+folder, not helpers.training.models.load_model), its raw logits log-softmaxed in float64, one block at a time, the next
 token's log-probability summed by hand over every scored position. Blocks of unequal length (128, 77, 33, 101
 tokens, tokenized here from CPython's pydoc topics, not by helpers.data) exercise the token weighting: a mean of
 per-block perplexities would differ. Agreement must be within 1e-4 relative (float32 against float64: ~1e-5).
@@ -14,8 +14,8 @@ import math
 import pytest
 import torch
 
-from helpers import models
-from helpers.evaluate import perplexity
+from helpers.training import models
+from helpers.training.evaluate import perplexity
 
 LENGTHS = (128, 77, 33, 101)
 TOPIC = "for"  # the reference section on the for statement: English technical prose with code

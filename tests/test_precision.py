@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import base_config
-from helpers import models, runs
-from helpers.train import attach_lora, upcasts_to_fp32
+from helpers.training import models, runs
+from helpers.training.train import attach_lora, upcasts_to_fp32
 from test_levers import mlp_input_dtype
 
 
@@ -68,8 +68,8 @@ def test_validate_refuses_fp32_upcast_on_a_quantized_arm_and_keeps_old_ids():
 
 
 def test_the_upcast_16bit_arm_trains_and_scores(tiny_model_dir):
-    from helpers.evaluate import perplexity
-    from helpers.train import make_trainer
+    from helpers.training.evaluate import perplexity
+    from helpers.training.train import make_trainer
 
     net = arm(tiny_model_dir, "none", fp32_upcast=True)
     blocks = torch.randint(0, 128, (8, 24), generator=torch.Generator().manual_seed(0))

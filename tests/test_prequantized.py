@@ -1,5 +1,5 @@
 """Synthetic checkpoints written pre-quantized (registry "stored"): the 70B-class shape's format, tested on small
-shapes through the same writer (helpers.models.write_synthetic): transformers' own 4-bit layout, loadable with
+shapes through the same writer (helpers.training.models.write_synthetic): transformers' own 4-bit layout, loadable with
 from_pretrained alone, and written with host memory near one layer, not the model."""
 import glob
 import json
@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import models, registry, runs
+from helpers.training import models, runs
+from helpers.records import registry
 from tests.conftest import base_config
 
 
@@ -97,7 +98,8 @@ SMALL = dict(model_type="llama", vocab_size=1024, hidden_size=1024, intermediate
 MEASURE = textwrap.dedent("""
     import json, resource, sys, time
     import torch
-    from helpers import models, registry
+    from helpers.training import models
+    from helpers.records import registry
     import bitsandbytes, safetensors.torch, transformers  # imported before the baseline: their memory is not the writer's
     registry.SYNTHETIC["small-test-shape"] = {"shape_of": "a test shape", "config": json.loads(sys.argv[2])}
     bitsandbytes.functional.quantize_4bit(torch.randn(64, 64, dtype=torch.bfloat16))  # its lazy set-up, once

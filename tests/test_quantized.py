@@ -1,4 +1,4 @@
-"""Gradients through quantized layers after an eval pass, on every CPU (helpers/quantized.py).
+"""Gradients through quantized layers after an eval pass, on every CPU (helpers/training/quantized.py).
 
 bitsandbytes 0.50 repacks a 4-bit weight for good into an inference layout with no backward when an eval,
 no-grad forward runs on a CPU with AVX512-BF16. Where this CPU has the instruction the tests use the real
@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 
-from helpers import models
-from helpers.evaluate import held_out_curve, perplexity
-from helpers.quantized import dequantized_weight, gradient_check, quantized_layers
-from helpers.telemetry import StepTelemetry
-from helpers.train import attach_lora, make_trainer
+from helpers.training import models
+from helpers.training.evaluate import held_out_curve, perplexity
+from helpers.training.quantized import dequantized_weight, gradient_check, quantized_layers
+from helpers.training.telemetry import StepTelemetry
+from helpers.training.train import attach_lora, make_trainer
 
 pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbF  # noqa: E402

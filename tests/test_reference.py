@@ -1,12 +1,14 @@
-"""A user's run of a published sweep against the published reference (helpers/reference.py), and publishing."""
+"""A user's run of a published sweep against the published reference (helpers/analysis/reference.py), and publishing."""
 import io
 import json
 import shutil
 
 import pytest
 
-from helpers import paths, publish, reference
-from helpers.sweep import load_sweep
+from helpers.records import paths
+from helpers.sweeps import publish
+from helpers.analysis import reference
+from helpers.sweeps.sweep import load_sweep
 
 PUBLISHED_DEFAULT = paths.PUBLISHED_REPORTS / "default" / "runs"
 

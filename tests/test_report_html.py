@@ -16,7 +16,8 @@ import nbformat
 import papermill
 import pytest
 
-from helpers import analysis, report
+from helpers import analysis
+from helpers.sweeps import report
 from tests.test_analysis import make_sweep
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from helpers import runs
+from helpers.training import runs
 from tests.conftest import base_config
 
 

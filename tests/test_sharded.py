@@ -1,4 +1,4 @@
-"""FSDP-QLoRA (helpers/sharded.py): num_gpus > 1 checked before anything runs, and 2 processes on the CPU (gloo)
+"""FSDP-QLoRA (helpers/training/sharded.py): num_gpus > 1 checked before anything runs, and 2 processes on the CPU (gloo)
 training the default model to the same losses as 1 process given the same global batch."""
 import json
 import re
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import runs, sharded
+from helpers.training import runs, sharded
 from tests.conftest import base_config
 
 
@@ -58,7 +58,7 @@ def test_processes_split_the_global_batch_one_process_would_take():
 # and the script also checks that the notebook's parent side never imports it.
 SCRIPT = textwrap.dedent("""
     import json, os, socket, sys
-    from helpers import data, runs, sharded
+    from helpers.training import data, runs, sharded
     from tests.conftest import base_config
     quant, out = sys.argv[1], sys.argv[2]
     common = dict(device="cpu", quant=quant, seq_len=32, max_steps=4, warmup_steps=1, eval_blocks=2,
@@ -115,7 +115,7 @@ def test_notebook_runs_sharded_and_one_process(tmp_path, monkeypatch, capfd, num
     process's figures aggregated; and with num_gpus 1, the one-process path of before (no per-GPU lists)."""
     import papermill
 
-    from helpers.sweep import TRAIN_NOTEBOOK
+    from helpers.sweeps.sweep import TRAIN_NOTEBOOK
 
     monkeypatch.setenv("QLORA_STUDY_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "runs"
@@ -175,8 +175,8 @@ def test_a_failed_run_reports_the_process_that_failed_first_not_the_one_stopped_
     SIGTERM, and the sidecar said 'error: SignalException' (rank 0's) instead of 'oom'."""
     import accelerate
 
-    from helpers.files import atomic_write
-    from helpers.sidecars import is_oom
+    from helpers.records.files import atomic_write
+    from helpers.records.sidecars import is_oom
 
     def launcher(fn, args, num_processes, use_port):
         folder = Path(args[3])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import sweep
-from helpers.runs import read_all
+from helpers.sweeps import sweep
+from helpers.training.runs import read_all
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import papermill
 import pytest
 import torch
 
-from helpers import data, models, runs
-from helpers.sweep import TRAIN_NOTEBOOK
+from helpers.training import data, models, runs
+from helpers.sweeps.sweep import TRAIN_NOTEBOOK
 from tests.conftest import base_config
 
 # Published parameter counts of the checkpoints whose shapes we copy (from their model cards / safetensors index)
@@ -130,7 +130,7 @@ def test_notebook_runs_a_synthetic_shape(tmp_path, cache):
 
 
 def test_gpu_sweep_file_is_valid_and_keeps_the_claim_rows():
-    from helpers import sweep
+    from helpers.sweeps import sweep
 
     s = sweep.load_sweep(sweep.PROJECT_ROOT / "parameters" / "gpu-7b.yaml", reports_root="/nonexistent")
     configs = sweep.expand(s)

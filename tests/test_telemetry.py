@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import runs, telemetry
+from helpers.training import runs, telemetry
 from tests.conftest import base_config
 
 GIB = 2**30

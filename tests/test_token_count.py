@@ -5,8 +5,8 @@ included) beside the figure over the steps alone."""
 import pytest
 import torch
 
-from helpers import models, telemetry
-from helpers.train import attach_lora, make_trainer
+from helpers.training import models, telemetry
+from helpers.training.train import attach_lora, make_trainer
 
 
 def train(model_dir, n_blocks, batch_size, grad_accum, max_steps, tokens_per_step=None):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from helpers import models, telemetry
-from helpers.train import attach_lora, make_trainer
+from helpers.training import models, telemetry
+from helpers.training.train import attach_lora, make_trainer
 
 
 @pytest.mark.parametrize("quant", ["none", "nf4"])

@@ -41,7 +41,7 @@ Markdown(f"`{sweep_dir}`: {analysis.overview(summary)}{analysis.plan_status(swee
        "beside the published one (`reports/<name>/`): perplexity should agree within 1% on any machine and is flagged "
        "when it does not, with what differs in the environment; speed is this machine's, shown as a ratio."),
     code('''
-from helpers import reference
+from helpers.analysis import reference
 against = reference.compare(sweep)
 if against is None:
     display(Markdown("*Skipped.* This folder is published itself, or no published sweep of its name exists."))

@@ -9,7 +9,7 @@ FIT = [
     md("""
 # 03 · Will it fit? Peak GPU memory of a LoRA / QLoRA run, predicted and checked
 
-`helpers/fit.py` predicts the peak memory of one training run of `01_train.ipynb` from the model's shape alone
+`helpers/fit/` predicts the peak memory of one training run of `01_train.ipynb` from the model's shape alone
 (its `config.json`): base weights, adapters and optimizer state, the activations kept for backward, the
 logits and loss, the allocator's reserve and the memory outside torch. No GPU and no torch are needed; the same
 predictions come from the command line (`python -m helpers.fit --model ... --card 8`).
@@ -34,7 +34,7 @@ lora_r: int = 16
 batch_size: int = 1
 seq_len: int = 2048
 gradient_checkpointing: bool = True
-fused_kernels: bool = False        # the levers of helpers/levers.py, all off: the plain stack
+fused_kernels: bool = False        # the levers of helpers/training/levers.py, all off: the plain stack
 torch_compile: bool = False
 offload_activations: bool = False
 keep_16bit: bool = False
@@ -49,7 +49,8 @@ explore: bool = True               # ipywidgets controls (JupyterLab); the HTML 
     code('''
 import pandas as pd
 from IPython.display import Markdown, display
-from helpers import fit, fitplots
+from helpers import fit
+from helpers.fit import plots as fitplots
 from helpers.analysis import use_report_renderer
 use_report_renderer()  # Plotly MIME in JupyterLab, offline HTML in the exported report
 cfg = dict(model=model, quant=quant, lora_r=lora_r, batch_size=batch_size, seq_len=seq_len, eval_blocks=1,

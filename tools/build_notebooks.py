@@ -79,7 +79,7 @@ keep_16bit: bool = False       # QLoRA only: norms, embeddings and head stay 16-
 chunked_loss: int = 0          # head + cross-entropy over this many token chunks (0: off): never the whole logits
 tiled_mlp: int = 0             # each layer's MLP over this many sequence slices, each checkpointed (0: off): long context
 stack: str = "hf"              # hf: ours (transformers + peft, with the levers above) | unsloth: the peer, Unsloth
-                               # (CUDA only, pip install -e .[peer], nf4, every lever above off) -- helpers/peer.py
+                               # (CUDA only, pip install -e .[peer], nf4, every lever above off) -- helpers/training/peer.py
 # --- measurement --------------------------------------------------------------------------------
 timing_warmup_steps: int = 3   # first steps left out of steady-state tokens/s (allocator and kernel warm-up)
 vram_budget_gib: float = 0.0   # emulate a smaller GPU by capping torch's allocator (GiB); 0: whole card; GPU only.
@@ -88,7 +88,7 @@ device: str = "auto"           # auto | cpu | cuda | cuda:N
 # --- output -------------------------------------------------------------------------------------
 output_dir: str = "reports/scratch/runs"  # the sidecar goes here (relative to the project root)
 run_id: str = ""               # empty: derived from the parameters
-# --- several GPUs (FSDP-QLoRA, helpers/sharded.py; parameters/multi-gpu.yaml) ----------------
+# --- several GPUs (FSDP-QLoRA, helpers/training/sharded.py; parameters/multi-gpu.yaml) ----------------
 num_gpus: int = 1              # processes, one GPU each, training one model sharded by FSDP (FSDP-QLoRA); 1: one process,
                                # no FSDP. > 1 needs that many visible GPUs (or device cpu: processes on the CPU, for tests)
 fsdp_cpu_offload: bool = False # num_gpus > 1: parameter shards stay in host memory and reach each GPU a layer at a time
@@ -99,9 +99,9 @@ fsdp_cpu_offload: bool = False # num_gpus > 1: parameter shards stay in host mem
        "not finite, a device this machine lacks, a corpus file that is no text or has fewer than two documents, "
        "a `run_id` or `output_dir` that would leave its folder."),
     code('''
-from helpers import peer
+from helpers.training import peer
 peer.import_first(stack, device)  # Unsloth patches transformers and peft only if imported before them: first, here
-import helpers.runs as runs
+import helpers.training.runs as runs
 config = {k: v for k, v in dict(globals()).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 runs.validate(config, types=__annotations__)  # the types declared in the parameters cell
 run = runs.start(config)
@@ -112,22 +112,22 @@ On a GPU, NVML's used memory is read before and after the CUDA context is made (
 VRAM budget). Getting the weights (download, GGUF conversion, or writing a synthetic checkpoint: once per cache)
 is timed apart from loading them. The VRAM budget (if any) is applied before the first allocation of the model.
 A budget is an *emulation*: torch's allocator is capped on a larger card; weights memory is read right after loading.
-`stack` says whose code loads the model and attaches LoRA (`helpers/peer.py`): ours, or the peer measured beside it;
+`stack` says whose code loads the model and attaches LoRA (`helpers/training/peer.py`): ours, or the peer measured beside it;
 everything after that is the same code for both.
 
 With `num_gpus` > 1 this kernel only fetches the weights and the tokenizer: sections 2 and 4–8 run in each of the
-`num_gpus` processes that section 7 starts (`helpers/sharded.py`), and their figures come back after training."""),
+`num_gpus` processes that section 7 starts (`helpers/training/sharded.py`), and their figures come back after training."""),
     code('''
-from helpers import models, levers
+from helpers.training import models, levers
 lever_cfg = levers.config_of(config)
 if num_gpus > 1:  # no CUDA, bitsandbytes or Trainer (it imports both) in this kernel before its processes start
-    from helpers import sharded
+    from helpers.training import sharded
     with runs.guard(run):
         tokenizer = sharded.fetch(model, run["metrics"])
     info = {"synthetic": models.is_synthetic(model), "dtype_resolved": models.resolve_dtype(dtype, run["device"])}
     print(f"{model}: loaded in each of {num_gpus} processes in section 7")
 else:
-    from helpers import telemetry
+    from helpers.training import telemetry
     run["metrics"].update(telemetry.gpu_baseline(run["device"]))
     with runs.guard(run), telemetry.phase("fetch", run["metrics"]):
         models.resolve_model(model)
@@ -142,13 +142,13 @@ else:
     md("## 3 · Corpus: split by document, cut into blocks\nNo document is on both sides of the split; every block holds `seq_len` tokens. "
        "A synthetic model trains on `random-tokens`: uniform random token ids (its cost depends on shapes, not text)."),
     code('''
-from helpers import data
+from helpers.training import data
 train_blocks, eval_blocks_t = data.prepare(config, tokenizer, run)
 print(f"train {len(train_blocks)} blocks, eval {len(eval_blocks_t)} blocks of {seq_len} tokens")
 '''),
     md("## 4 · Perplexity before training\nToken-weighted over the held-out blocks: exp(summed NLL / tokens)."),
     code('''
-from helpers.evaluate import perplexity
+from helpers.training.evaluate import perplexity
 not_quality = " (synthetic: random weights and tokens -- recorded, not a quality figure)" if info["synthetic"] else ""
 if num_gpus > 1:
     print("scored in each process in section 7")
@@ -159,14 +159,14 @@ else:
     print(f"perplexity before: {before['ppl']:.3f} over {before['tokens']} tokens{not_quality}")
 '''),
     md("## 5 · Attach LoRA\nFreeze the base, add adapters; gradient checkpointing is set up identically in the 16-bit and quantized arms. "
-       "Levers that are on (speed and memory, `helpers/levers.py`) are applied here and printed."),
+       "Levers that are on (speed and memory, `helpers/training/levers.py`) are applied here and printed."),
     code('''
 on_levers = {k: v for k, v in lever_cfg.items() if v}
 print(f"stack {stack}, levers: {on_levers or ('none (the plain stack)' if stack == 'hf' else 'none')}")
 if num_gpus > 1:
     print("attached in each process in section 7")
 else:
-    from helpers.train import make_trainer
+    from helpers.training.train import make_trainer
     from transformers import set_seed
     set_seed(seed)
     with runs.guard(run):  # peft's float32 upcast allocates: an out-of-memory here is a result too
@@ -177,13 +177,13 @@ else:
     print(f"trainable {run['metrics']['params_trainable']/1e6:.2f} M of {run['metrics']['params_total']/1e6:.1f} M parameters")
 '''),
     md("## 6 · Gradients through the quantized weights\nOne small batch through one quantized layer: the gradient "
-       "with respect to its input against a float32 reference from the dequantized weight (`helpers/quantized.py`). "
+       "with respect to its input against a float32 reference from the dequantized weight (`helpers/training/quantized.py`). "
        "A library whose backward is wrong on this CPU or GPU stops the run here, before a wrong number is trained."),
     code('''
 if num_gpus > 1:
     print("gradient check: not run with num_gpus > 1 (this kernel holds no model)")
 else:
-    from helpers import quantized
+    from helpers.training import quantized
     with runs.guard(run):
         check = quantized.gradient_check(net)
     run["metrics"]["grad_check_rel_error"], run["metrics"]["grad_check_s"] = check["rel_error"], check["seconds"]
@@ -205,7 +205,7 @@ else:
     steps = telemetry.StepTelemetry(run["device"])  # counts each step's loss tokens as the Trainer fetches its batches
     callbacks = [steps, telemetry.ProgressFile(runs.progress_path(run["sidecar"]))]
     if eval_every:  # held-out perplexity during training; its time and energy are left out of the training figures
-        from helpers.evaluate import held_out_curve
+        from helpers.training.evaluate import held_out_curve
         callbacks.append(held_out_curve(net, eval_blocks_t, eval_every, steps, batch_size=batch_size * 2))
     trainer = make_trainer(net, train_blocks, device=run["device"], dtype=info["dtype_resolved"], quant=quant, max_steps=max_steps,
                            batch_size=batch_size, grad_accum=grad_accum, learning_rate=learning_rate,

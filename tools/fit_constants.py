@@ -1,8 +1,8 @@
-"""Fit the predictor's few free constants (helpers/fit.py) on the committed GPU measurements, and print them.
+"""Fit the predictor's few free constants (helpers/fit/) on the committed GPU measurements, and print them.
 
-    python tools/fit_constants.py            # prints the fitted values; paste them into helpers/fit.py
+    python tools/fit_constants.py            # prints the fitted values; paste them into helpers/fit/
 
-What is fitted, on what (every other byte in helpers/fit.py is derived from shapes and library behaviour):
+What is fitted, on what (every other byte in helpers/fit/ is derived from shapes and library behaviour):
   stage 1, peak allocated of runs that finished (one row per distinct configuration, so repeated seeds do not
   weigh more): LOGITS_BYTES, EVAL_LOGITS_BYTES, ACT_SCALE, COMPILE_SCALE, INT8_EXTRA; least squares of the log
   ratio predicted / measured, by coordinate search over a grid (no scipy needed);
@@ -50,7 +50,7 @@ NAMES = ("LOGITS_BYTES", "EVAL_LOGITS_BYTES", "ACT_SCALE", "COMPILE_SCALE", "INT
 
 
 def fitted() -> dict:
-    """Run the three stages from the values in helpers/fit.py; return the fitted values (and leave them set)."""
+    """Run the three stages from the values in helpers/fit/; return the fitted values (and leave them set)."""
     rs = distinct(rows())
     done = [r for r in rs if r["status"] == "ok" and r["allocated_gib"]]
     search([("LOGITS_BYTES", [x / 2 for x in range(20, 41)]),

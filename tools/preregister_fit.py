@@ -16,8 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from helpers import fit, sweep  # noqa: E402
-from helpers.files import atomic_write  # noqa: E402
+from helpers import fit  # noqa: E402
+from helpers.sweeps import sweep
+from helpers.records.files import atomic_write  # noqa: E402
 
 
 def write(sweep_file: Path, out: Path) -> None:
@@ -36,7 +37,7 @@ def write(sweep_file: Path, out: Path) -> None:
     atomic_write(out, table)
     oom = sum(r["predicted_status"] == "oom" for r in rows)
     print(f"{out}: {len(rows)} runs of {sweep_file} predicted ({oom} to run out of memory under their cap), "
-          f"helpers/fit.py at {commit}")
+          f"helpers/fit/ at {commit}")
 
 
 def compare(path: Path) -> None:

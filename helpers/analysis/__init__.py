@@ -25,51 +25,51 @@ The modules, in the notebook's order (each one concern; none imports torch, the 
 
 This package re-exports the names notebooks, tests, benchmarks and other helpers use: `helpers.analysis.X`.
 """
-from ..paths import PROJECT_ROOT, resolve_sweep_dir, shown  # noqa: F401 - callers know them from here
-from ..sidecars import loss_gap  # noqa: F401 - the lever check's loss comparison, a record-level function
-from .load import (  # noqa: F401
+from helpers.records.paths import PROJECT_ROOT, resolve_sweep_dir, shown  # noqa: F401 - callers know them from here
+from helpers.records.sidecars import loss_gap  # noqa: F401 - the lever check's loss comparison, a record-level function
+from helpers.analysis.load import (  # noqa: F401
     NOT_CONFIG, METRICS, NVML_PEAK_KEYS, CONFIG_KEYS_FALLBACK, synthetic_row, load_sweep, load_sweeps,
     config_labels,
 )
-from .tables import (  # noqa: F401
+from helpers.analysis.tables import (  # noqa: F401
     NO_PLAN, overview, plan_status, run_table,
 )
-from .rows import (  # noqa: F401
+from helpers.analysis.rows import (  # noqa: F401
     Q4_1_NOTE, UNKNOWN_MACHINE, PALETTE, drawn, finished, by_config, quants_in, vs_16bit, vs_16bit_words,
     extremes_words, device_words, on_cpu_only, budget_label, machine_labels, machine_keys, machines_note,
     side_by_side, own_costs, side_by_side_note, sharded_note, quality_rows, q4_1_note, pareto_front,
 )
-from .cost import (  # noqa: F401
+from helpers.analysis.cost import (  # noqa: F401
     STATUS_CODE, STATUS_COLOR, feasibility_rows, feasibility_cells, feasibility_figure, feasibility_takeaway,
     feasibility_matrix, GPU_MEMORY, CPU_MEMORY, memory_rows, memory_figure, memory_takeaway, peak_memory,
     PHASES, throughput_rows, throughput_figure, throughput_takeaway, throughput, energy_rows, energy_figure,
     energy_takeaway, energy_per_token,
 )
-from .quality import (  # noqa: F401
+from helpers.analysis.quality import (  # noqa: F401
     rank_rows, rank_figure, rank_takeaway, perplexity_vs_rank, loss_rows, loss_bands, MANY_CURVES, loss_figure,
     loss_takeaway, loss_curves, SETTLED_SHARE, SETTLED_CHANGE, held_out_rows, held_out_figure,
     held_out_takeaway, held_out_curves, point_labels, cost_quality_rows, cost_quality_figure,
     cost_quality_takeaway, cost_quality,
 )
-from .stats import (  # noqa: F401
+from helpers.analysis.stats import (  # noqa: F401
     T975, NO_REPEATS, t_critical_95, mean_ci95, ci_words, ratio_words, repeats_problem, ppl_ci_table,
     paired_ratio_ci, paired_differences, paired_summary, flattening_rank, FLAT_MARGIN_PCT, FLAT_RULE,
     paired_rank_table, flattening_rank_paired,
 )
-from .seeds import (  # noqa: F401
+from helpers.analysis.seeds import (  # noqa: F401
     ppl_ci_rows, ppl_ci_figure, ppl_ci_takeaway, perplexity_ci, quant_gap_rows, quant_gap_figure,
     quant_gap_takeaway, quantization_gap, rank_returns_rows, rank_returns_figure, rank_returns_takeaway,
     rank_returns, MEMORY_COLS, frontier_rows, frontier_figure, frontier_takeaway, cost_quality_frontier,
 )
-from .precision import (  # noqa: F401
+from helpers.analysis.precision import (  # noqa: F401
     PRECISION_CELLS, PRECISION_RATIOS, precision_cells, precision_table, precision_rows, precision_figure,
     precision_takeaway, precision_matched,
 )
-from .levers import (  # noqa: F401
+from helpers.analysis.levers import (  # noqa: F401
     LEVER_KEYS, CHECK_WINDOW, CHECK_MIN_FALL, CHECK_FALL_TOL, CHECK_PPL_TOL, CHECK_RULE, lever_check,
     lever_table, lever_rows, lever_figure, lever_takeaway, lever_effects,
 )
-from .display import (  # noqa: F401
+from helpers.analysis.display import (  # noqa: F401
     use_report_renderer, show, explorer,
 )
 

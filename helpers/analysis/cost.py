@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .rows import (budget_label, by_config, device_words, drawn, extremes_words, finished, machines_note, on_cpu_only,
+from helpers.analysis.rows import (budget_label, by_config, device_words, drawn, extremes_words, finished, machines_note, on_cpu_only,
                    own_costs, sharded_note, side_by_side, side_by_side_note, vs_16bit_words)
 
 STATUS_CODE = {"ok": 0, "oom": 1, "error": 2}

@@ -7,10 +7,10 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..registry import PLAIN_STACK
-from ..sidecars import loss_gap, step_losses
-from .load import config_labels
-from .rows import drawn, finished, machine_keys, machines_note, side_by_side, side_by_side_note
+from helpers.records.registry import PLAIN_STACK
+from helpers.records.sidecars import loss_gap, step_losses
+from helpers.analysis.load import config_labels
+from helpers.analysis.rows import drawn, finished, machine_keys, machines_note, side_by_side, side_by_side_note
 
 LEVER_KEYS = tuple(PLAIN_STACK)  # the levers and the two notebook knobs a lever sweep varies
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import sidecars
-from ..paths import resolve_sweep_dir
-from ..registry import ADDED_LATER, QUANT_ORDER, RANDOM_CORPUS
-from ..registry import is_synthetic as is_synthetic_model
+from helpers.records import sidecars
+from helpers.records.paths import resolve_sweep_dir
+from helpers.records.registry import ADDED_LATER, QUANT_ORDER, RANDOM_CORPUS
+from helpers.records.registry import is_synthetic as is_synthetic_model
 
 # Config keys that do not make a configuration different: where results go, the seed (a repeat),
 # the device string, and the VRAM budget (the feasibility matrix's other axis).

@@ -7,9 +7,9 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..registry import upcasts_to_fp32
-from .rows import drawn, q4_1_note, quality_rows
-from .stats import paired_differences, paired_summary
+from helpers.records.registry import upcasts_to_fp32
+from helpers.analysis.rows import drawn, q4_1_note, quality_rows
+from helpers.analysis.stats import paired_differences, paired_summary
 
 # The 2 x 2 cells: (quant, whether norms, embeddings and head train in float32: registry.upcasts_to_fp32)
 PRECISION_CELLS = {("none", False): "16-bit", ("none", True): "16-bit + fp32 upcast",

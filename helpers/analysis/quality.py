@@ -8,9 +8,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..registry import QUANT_ORDER
-from .load import config_labels, quant_rank
-from .rows import (PALETTE, budget_label, by_config, drawn, machines_note, own_costs, pareto_front, q4_1_note,
+from helpers.records.registry import QUANT_ORDER
+from helpers.analysis.load import config_labels, quant_rank
+from helpers.analysis.rows import (PALETTE, budget_label, by_config, drawn, machines_note, own_costs, pareto_front, q4_1_note,
                    quality_rows, quants_in, side_by_side_note)
 
 

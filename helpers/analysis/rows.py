@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from .load import config_labels, quant_rank
+from helpers.analysis.load import config_labels, quant_rank
 
 Q4_1_NOTE = "smollm2-135m's weights were already rounded to 4 bits (Q4_1) in the GGUF it ships as"
 UNKNOWN_MACHINE = "machine not recorded"
@@ -90,7 +90,7 @@ def budget_label(b: float) -> str:
 # --- whose costs: side-by-side runs and machines ------------------------------------------------------------
 
 def machine_labels(rows: pd.DataFrame) -> pd.Series:
-    """Which machine each run ran on (helpers.runs.machine): host and boot id (a reboot or a new lease of the same
+    """Which machine each run ran on (helpers.training.runs.machine): host and boot id (a reboot or a new lease of the same
     host is another machine for timing), and the GPU's UUID where recorded; None where the sidecar predates them."""
     def one(r):
         host, boot, gpu = r.get("env_host"), r.get("env_boot_id"), r.get("env_gpu_uuid")
@@ -135,7 +135,7 @@ def own_costs(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def sharded_note(rows: pd.DataFrame) -> str:
-    """What an FSDP run's cost figures are (helpers/sharded.py aggregates its processes): '' when no run used
+    """What an FSDP run's cost figures are (helpers/training/sharded.py aggregates its processes): '' when no run used
     several GPUs."""
     n = pd.to_numeric(rows["num_gpus"], errors="coerce").fillna(1) if "num_gpus" in rows else pd.Series(dtype=float)
     several = n > 1

@@ -8,11 +8,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .load import config_labels
-from .quality import point_labels
-from .rows import (PALETTE, drawn, machines_note, own_costs, pareto_front, q4_1_note, quality_rows, quants_in,
+from helpers.analysis.load import config_labels
+from helpers.analysis.quality import point_labels
+from helpers.analysis.rows import (PALETTE, drawn, machines_note, own_costs, pareto_front, q4_1_note, quality_rows, quants_in,
                    side_by_side, side_by_side_note)
-from .stats import (FLAT_RULE, ci_words, flattening_rank_paired, mean_ci95, paired_rank_table, paired_ratio_ci,
+from helpers.analysis.stats import (FLAT_RULE, ci_words, flattening_rank_paired, mean_ci95, paired_rank_table, paired_ratio_ci,
                     ppl_ci_table, ratio_words, repeats_problem)
 
 

@@ -6,8 +6,8 @@ import math
 
 import pandas as pd
 
-from .load import config_labels
-from .rows import quality_rows
+from helpers.analysis.load import config_labels
+from helpers.analysis.rows import quality_rows
 
 # Two-sided 95% Student t critical values t(0.975, df) for df = 1..30 (any statistics table; scipy is not a
 # dependency). Above 30: the Cornish-Fisher expansion around z = 1.959964, within 0.001 of the table there.

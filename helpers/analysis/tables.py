@@ -1,15 +1,15 @@
 """Tables (notebook 02, "The sweep" and "Every run"): how many runs and how they ended, against the plan the
 sweep recorded, and every run with its outcome. The plan is read from the sweep folder's plan.json, which the
-sweep writes when it starts (helpers.sidecars.write_plan): the analysis never reads the sweep file itself.
+sweep writes when it starts (helpers.records.sidecars.write_plan): the analysis never reads the sweep file itself.
 """
 from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 
-from .. import sidecars
-from ..paths import shown
-from .rows import budget_label, device_words, side_by_side
+from helpers.records import sidecars
+from helpers.records.paths import shown
+from helpers.analysis.rows import budget_label, device_words, side_by_side
 
 NO_PLAN = (" This folder has no plan record (plan.json, which helpers.sweep writes when a sweep starts; folders "
            "filled before that have none), so runs that were planned but never ran would not show here.")

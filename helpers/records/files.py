@@ -2,7 +2,7 @@
 
 Every result file of the project (sidecars, summary.csv, the analysis HTML, the progress file the sweep
 polls) goes through atomic_write; papermill's executed notebooks cannot (papermill writes them itself,
-cell by cell), so the sweep checks they read back whole (helpers.runs.notebook_problem).
+cell by cell), so the sweep checks they read back whole (helpers.training.runs.notebook_problem).
 """
 import os
 import tempfile

@@ -7,8 +7,8 @@ import json
 import math
 from pathlib import Path
 
-from .files import atomic_write
-from .paths import shown
+from helpers.records.files import atomic_write
+from helpers.records.paths import shown
 
 SIDECAR_VERSION = 1
 FINISHED = ("ok", "oom")  # outcomes that are results (an out-of-memory run is a finding); the rest are redone

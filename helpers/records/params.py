@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .registry import ADDED_LATER
+from helpers.records.registry import ADDED_LATER
 
 # Parameters that say where results go, not what is measured: left out of the run id.
 NOT_IN_ID = ("output_dir", "run_id")

@@ -3,7 +3,7 @@ import tempfile
 
 import torch
 
-from .registry import upcasts_to_fp32  # noqa: F401 - decided in the torch-free registry; known from here
+from helpers.records.registry import upcasts_to_fp32  # noqa: F401 - decided in the torch-free registry; known from here
 
 # Optimizers offered (HF TrainingArguments `optim` names). adamw_torch_fused: torch's single-kernel AdamW (a
 # speed lever; the same update). The 8-bit and paged ones need bitsandbytes;
@@ -95,7 +95,7 @@ def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, 
     for a StepTelemetry among the callbacks (counting)."""
     from transformers import Trainer, TrainingArguments
 
-    from .levers import lever_trainer_class
+    from helpers.training.levers import lever_trainer_class
 
     on_gpu = str(device).startswith("cuda")
     args = TrainingArguments(
@@ -120,7 +120,7 @@ def make_trainer(model, train_blocks: torch.Tensor, *, device: str, dtype: str, 
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
-    if on_gpu:  # one process trains on one GPU (several: num_gpus > 1, FSDP, helpers/sharded.py). On a machine of
+    if on_gpu:  # one process trains on one GPU (several: num_gpus > 1, FSDP, helpers/training/sharded.py). On a machine of
         # several the Trainer would wrap the model in DataParallel over all and multiply the batch by their number;
         # it sets _n_gpu to 1 itself for a model spread over GPUs. args.device first: it sets _n_gpu.
         _ = args.device
@@ -136,7 +136,7 @@ def counting(trainer_class):
     """trainer_class that hands each optimizer step's micro-batches, as it fetches them (before on_step_begin), to
     its StepTelemetry callbacks, so a step's tokens are the loss tokens it held (an epoch's last batch holds
     fewer blocks). It only looks: the training is trainer_class's."""
-    from .telemetry import StepTelemetry
+    from helpers.training.telemetry import StepTelemetry
 
     class CountingTrainer(trainer_class):
         def get_batch_samples(self, epoch_iterator, num_batches, device):

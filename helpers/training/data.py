@@ -8,13 +8,13 @@ import torch
 
 DEFAULT_CORPUS = "pydoc"  # the Python reference topics every CPython ships (pydoc_data.topics)
 # Uniform random token ids, for synthetic (random-weight) models: their cost depends on shapes, not text.
-from .registry import RANDOM_CORPUS  # noqa: E402 - the name, defined once (torch-free)
-from .registry import SYNTHETIC_EVAL_BLOCKS  # noqa: E402,F401 - eval blocks of a random-tokens run with eval_blocks 0
+from helpers.records.registry import RANDOM_CORPUS  # noqa: E402 - the name, defined once (torch-free)
+from helpers.records.registry import SYNTHETIC_EVAL_BLOCKS  # noqa: E402,F401 - eval blocks of a random-tokens run with eval_blocks 0
 
 
 def check_corpus_name(corpus: str) -> None:
     """Refuse a corpus that is neither built in, a local .txt/.jsonl, nor a hub dataset id."""
-    from .models import looks_like_hub_id
+    from helpers.training.models import looks_like_hub_id
 
     path = Path(corpus).expanduser()
     if corpus in (DEFAULT_CORPUS, RANDOM_CORPUS) or looks_like_hub_id(corpus.split(":")[0]):
@@ -151,7 +151,7 @@ def prepare(config: dict, tokenizer, run: dict | None = None):
     model's vocabulary; train blocks follow the run's seed, eval blocks a fixed one.
     """
     if config["corpus"] == RANDOM_CORPUS:
-        from .models import synthetic_vocab_size
+        from helpers.training.models import synthetic_vocab_size
 
         vocab = synthetic_vocab_size(config["model"])
         # blocks per optimizer step: batch_size per process, num_gpus processes (helpers.sharded), grad_accum

@@ -5,7 +5,7 @@
 
 The run is the training notebook's (notebooks/01_train.ipynb): its parameter names, its defaults, its order of
 work (load -> perplexity before -> train -> perplexity after), transformers' Trainer with bf16 autocast, LoRA on
-the linear layers, every lever of helpers/levers.py. The peak is the largest of four moments (the loss, the
+the linear layers, every lever of helpers/training/levers.py. The peak is the largest of four moments (the loss, the
 backward of a layer, the optimizer step, the evaluation), each the sum of what is alive then (per micro-batch of
 T = batch_size x seq_len tokens):
 
@@ -64,9 +64,9 @@ import math
 import sys
 from pathlib import Path
 
-from . import registry
-from .files import atomic_write
-from .sidecars import read_sidecar
+from helpers.records import registry
+from helpers.records.files import atomic_write
+from helpers.records.sidecars import read_sidecar
 
 GIB = 2**30
 
@@ -542,7 +542,7 @@ def max_batch(cfg: dict, card_gib: float, limit: int = 4096, config: dict | None
 
 # Configurations from fastest to slowest, as measured on the 7B shape at batch 4 x 512 on an H200
 # (tokens/s in reports/levers/summary.csv and the fast-arm pairs; the plain NF4 stack = 1.00). A card's answer
-# is the first that fits. "plain" ones use no lever of helpers/levers.py.
+# is the first that fits. "plain" ones use no lever of helpers/training/levers.py.
 RECIPES = (
     ("16-bit, no checkpointing, compile + fused AdamW", 2.9, False,
      dict(quant="none", gradient_checkpointing=False, torch_compile=True, optimizer="adamw_torch_fused")),
@@ -653,7 +653,7 @@ def _parser():
     ap.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"])
     ap.add_argument("--train-only", action="store_true",
                     help="a bare training step: leave out the notebook's perplexity pass before training")
-    g = ap.add_argument_group("levers (helpers/levers.py)")
+    g = ap.add_argument_group("levers (helpers/training/levers.py)")
     for name in LEVERS:
         if name in COUNT_LEVERS:
             g.add_argument(f"--{name.replace('_', '-')}", type=int, default=0, metavar="N")
@@ -742,7 +742,7 @@ PREREG_COLUMNS = ("run_id", "model", "quant", "batch_size", "seq_len", "gradient
 
 
 def preregistration_rows(configs: list[dict]) -> list[dict]:
-    """The committed predictions for a sweep's expanded configurations (helpers.sweep.expand)."""
+    """The committed predictions for a sweep's expanded configurations (helpers.sweeps.sweep.expand)."""
     rows = []
     for cfg in configs:
         pred = predict({k: cfg[k] for k in DEFAULTS if k in cfg})
@@ -795,8 +795,8 @@ def build_report(out_dir: str | Path = "reports/fit") -> Path:
     """notebooks/03_will_it_fit.ipynb executed by papermill into out_dir/will_it_fit.ipynb (explore off), and its
     self-contained HTML beside it; returns the HTML's path. Imports papermill and the report exporter, so it
     is the one part of this module that needs the full environment."""
-    from .paths import PROJECT_ROOT, shown
-    from .report import execute_into, export_html
+    from helpers.records.paths import PROJECT_ROOT, shown
+    from helpers.sweeps.report import execute_into, export_html
 
     out = Path(out_dir) if Path(out_dir).is_absolute() else PROJECT_ROOT / out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -841,6 +841,3 @@ def predict_per_gpu(cfg: dict, num_gpus: int = 1, cpu_offload: bool = False, con
     out["fits_budget"] = not budget or out["needs_under_cap_gib"] <= budget
     return out
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -114,7 +114,7 @@ def gradient_check(model, rows: int = 4, seed: int = 0) -> dict:
         raise RuntimeError(
             f"gradient check failed: no gradient reaches the input of the quantized layer {name!r} "
             f"({type(layer).__name__}, bitsandbytes): LoRA would train on wrong gradients here. "
-            "A bitsandbytes kernel without a backward is in the path (see helpers/quantized.py); "
+            "A bitsandbytes kernel without a backward is in the path (see helpers/training/quantized.py); "
             "stopping before training rather than publishing a wrong number.")
     err = ((x.grad.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     tol = GRAD_TOLERANCE[dtype]

@@ -11,16 +11,16 @@ QUANTS = ("none", "nf4", "fp4", "int8")  # none = 16-bit base (plain LoRA); the 
 BITS_PER_WEIGHT = {"none": 16, "int8": 8, "nf4": 4, "fp4": 4}
 QUANT_ORDER = tuple(sorted(QUANTS, key=lambda q: -BITS_PER_WEIGHT[q]))  # how charts list them: by bits, 16-bit first
 RANDOM_CORPUS = "random-tokens"  # uniform random token ids: the corpus of synthetic models, and only theirs
-# The speed and memory levers, by their notebook parameter names (helpers/levers.py says what each does):
+# The speed and memory levers, by their notebook parameter names (helpers/training/levers.py says what each does):
 # here so the analysis and the memory predictor can name them without importing torch
 LEVERS = ("fused_kernels", "torch_compile", "offload_activations", "keep_16bit", "chunked_loss", "tiled_mlp")
 COUNT_LEVERS = {"chunked_loss": "chunks", "tiled_mlp": "sequence slices"}  # a whole number of these, 0 = off;
 # the other levers are True / False
-# The training stack (notebook parameter `stack`, helpers/peer.py): ours (transformers + peft, with the levers above)
+# The training stack (notebook parameter `stack`, helpers/training/peer.py): ours (transformers + peft, with the levers above)
 # or the peer measured beside it (Unsloth, GPU only, `pip install -e .[peer]`). The first is the default.
 STACKS = ("hf", "unsloth")
 # The linear layers of one Llama/Mistral/Qwen2 decoder layer: what target_modules "all-linear" means for the
-# memory predictor (helpers/fit.py) and for the peer, which takes the names spelled out (helpers/peer.py)
+# memory predictor (helpers/fit/) and for the peer, which takes the names spelled out (helpers/training/peer.py)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The plain stack a lever run is compared with: every lever off, the notebook's default optimizer, activation
 # checkpointing on (tests/test_notebook_sources.py checks notebook 01's defaults agree)
@@ -66,7 +66,7 @@ def llama3_rope(factor: float) -> dict:
 # load time and memory are those of a real checkpoint. Time, memory and energy depend on shapes, not
 # values; their perplexity (random weights on random tokens) is recorded but is never a quality figure.
 # They have no tokenizer: they train on corpus 'random-tokens' (uniform random token ids).
-# "stored" (optional): the checkpoint is written already quantized with this quant (helpers.models.write_synthetic),
+# "stored" (optional): the checkpoint is written already quantized with this quant (helpers.training.models.write_synthetic),
 # for shapes whose 16-bit checkpoint would not fit a GPU machine's disk; a run of it must use that quant.
 SYNTHETIC = {
     "llama-2-7b-shape": {

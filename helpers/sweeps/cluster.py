@@ -12,18 +12,18 @@ CUDA_VISIBLE_DEVICES), it retries a task whose worker or node is lost, it ships 
 
 What happens, in order:
 1. The driver (this machine) checks the sweep and skips finished runs exactly as a local sweep does
-   (helpers.sweep.run_state): only unfinished configurations are submitted.
+   (helpers.sweeps.sweep.run_state): only unfinished configurations are submitted.
 2. The project folder (helpers/, notebooks/, tools/, parameters/; not reports/ nor .venv, nor what .gitignore
    names) goes to every node as the tasks' working directory: no shared filesystem is assumed. Models are not
    shipped: each node builds or fetches them into its own cache (python -m helpers.models NAME) as any machine does.
-3. Each task runs one configuration with helpers.sweep.execute, in a fresh kernel, into a temporary folder of its
+3. Each task runs one configuration with helpers.sweeps.sweep.execute, in a fresh kernel, into a temporary folder of its
    node, and returns the executed notebook and the sidecar as bytes. A GPU sweep (device auto or cuda, and the
    cluster has GPUs) asks for num_gpus=1 (an FSDP run: its num_gpus, on one node), so a run has its GPUs to
    itself (side_by_side 1); a CPU sweep asks for
    num_cpus=1, and its sidecar records side_by_side as the CPUs of its node (how many such runs may share that
    node): its costs are shared figures, as with --jobs.
-4. The driver writes the notebook, then the sidecar last, each atomically (helpers.files.atomic_write, through
-   helpers.sidecars.write_sidecar), into the sweep's runs/ folder, with the sidecar's output_dir set to that folder
+4. The driver writes the notebook, then the sidecar last, each atomically (helpers.records.files.atomic_write, through
+   helpers.records.sidecars.write_sidecar), into the sweep's runs/ folder, with the sidecar's output_dir set to that folder
    (the executed notebook keeps the node's temporary folder in its parameters cell: where it ran).
 5. A task whose worker process or node dies is run again by Ray (MAX_RETRIES); a run that fails (error, OOM) is a
    result, kept as a local sweep keeps it, and never retried. Ctrl-C cancels the tasks; the runs in flight are
@@ -35,9 +35,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from .files import atomic_write
-from .paths import PROJECT_ROOT
-from .sidecars import write_sidecar
+from helpers.records.files import atomic_write
+from helpers.records.paths import PROJECT_ROOT
+from helpers.records.sidecars import write_sidecar
 
 MAX_RETRIES = 2  # a run whose worker or node is lost is redone on another, at most this many times
 # not shipped to the nodes (besides what .gitignore names): results, environments, version control
@@ -46,7 +46,7 @@ CANCEL_WAIT_S = 30  # after Ctrl-C: how long the runs in flight get to stop thei
 
 
 def execute_remote(execute, sweep: dict, cfg: dict) -> dict:
-    """On a Ray worker: run one configuration with `execute` (helpers.sweep.execute) into a temporary folder of this
+    """On a Ray worker: run one configuration with `execute` (helpers.sweeps.sweep.execute) into a temporary folder of this
     node; return its status, its files ({name: bytes}: the executed notebook and the sidecar) and where it ran."""
     import os
     import platform
@@ -111,9 +111,9 @@ def connect(address: str):
 
 
 def run_on_ray(sweep: dict, todo: list[dict], address: str, execute, record, outcome, out, side_by_side_env: str) -> None:
-    """Submit each configuration of `todo` as a Ray task running `execute` (helpers.sweep.execute) and take the
+    """Submit each configuration of `todo` as a Ray task running `execute` (helpers.sweeps.sweep.execute) and take the
     results as they come: outcome(cfg, status, where) for each. `record(cfg, status, text)` writes a sidecar for a
-    run that did not come back (helpers.sweep._record). A run whose task fails more than MAX_RETRIES times, or
+    run that did not come back (helpers.sweeps.sweep._record). A run whose task fails more than MAX_RETRIES times, or
     raises, is an error; Ctrl-C cancels the rest, records the runs not back as unfinished, and is raised."""
     ray = connect(address)
     resources = ray.cluster_resources()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from .analysis import load_sweep
-from .paths import PUBLISHED_REPORTS, shown
+from helpers.analysis import load_sweep
+from helpers.records.paths import PUBLISHED_REPORTS, shown
 PPL_TOLERANCE = 0.01
 MEMORY_TOLERANCE = 0.10
 # what can make the same configuration give another figure: the CPU (its instructions pick kernels), the

@@ -2,12 +2,12 @@
 
 `reports/<name>/` holds published sweeps: committed, read-only references that results.md cites.
 `reports/local/<name>/` holds this machine's runs of a sweep (git ignores it): `helpers.sweep` writes there
-unless told otherwise, and its report sets each configuration beside the published one (helpers/reference.py).
+unless told otherwise, and its report sets each configuration beside the published one (helpers/analysis/reference.py).
 Publishing is a separate, explicit step: `python -m helpers.publish reports/local/<name>`.
 """
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PUBLISHED_REPORTS = PROJECT_ROOT / "reports"
 LOCAL_REPORTS = PUBLISHED_REPORTS / "local"
 

@@ -10,22 +10,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .data import RANDOM_CORPUS, check_corpus
-from .gpus import visible_gpus
-from .paths import PROJECT_ROOT
-from .params import check_types, run_id
-from .sidecars import (  # noqa: F401 - re-exported: the notebook and the sweep know them from here
+from helpers.training.data import RANDOM_CORPUS, check_corpus
+from helpers.records.gpus import visible_gpus
+from helpers.records.paths import PROJECT_ROOT
+from helpers.records.params import check_types, run_id
+from helpers.records.sidecars import (  # noqa: F401 - re-exported: the notebook and the sweep know them from here
     ENV_COLUMNS, SIDECAR_VERSION, is_oom, notebook_problem, progress_path, read_all, read_sidecar,
     summary_rows, write_sidecar, write_summary,
 )
-from .models import (
+from helpers.training.models import (
     DTYPE_CHOICES, QUANTS, bitsandbytes_problem, check_model_name, context_length, is_synthetic, stored_problem,
 )
-from .levers import LEVERS
-from .levers import config_of as levers_of
-from .levers import problems as lever_problems
-from .peer import problems as stack_problems
-from .train import BNB_OPTIMIZERS, OPTIMIZERS
+from helpers.training.levers import LEVERS
+from helpers.training.levers import config_of as levers_of
+from helpers.training.levers import problems as lever_problems
+from helpers.training.peer import problems as stack_problems
+from helpers.training.train import BNB_OPTIMIZERS, OPTIMIZERS
 
 
 def resolve_device(device: str) -> str:
@@ -83,7 +83,7 @@ SHARDED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd")  # bitsandbytes
 
 
 def sharding_problems(config: dict, here: bool = True) -> list[tuple[str, object, str]]:
-    """(name, value, what is allowed) for num_gpus and fsdp_cpu_offload (helpers/sharded.py); [] when the run can go.
+    """(name, value, what is allowed) for num_gpus and fsdp_cpu_offload (helpers/training/sharded.py); [] when the run can go.
 
     num_gpus > 1 runs that many processes: on GPUs (device auto or cuda: that many must be visible) or, with device
     cpu, on the CPU (gloo; for tests: no cost figure). here=False skips the count of this machine's GPUs (dry run)."""
@@ -122,7 +122,7 @@ def sharding_problems(config: dict, here: bool = True) -> list[tuple[str, object
 def bitsandbytes_problem_elsewhere() -> str | None:
     """models.bitsandbytes_problem() asked in a child process, so this one never imports bitsandbytes (once per
     process: a sweep's dry run validates many configurations)."""
-    code = "from helpers.models import bitsandbytes_problem as p; import sys; m = p(); sys.exit(m) if m else None"
+    code = "from helpers.training.models import bitsandbytes_problem as p; import sys; m = p(); sys.exit(m) if m else None"
     r = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True)
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["bitsandbytes is not usable"])[-1]
 
@@ -216,7 +216,7 @@ def environment(device: str, init_cuda: bool = True) -> dict:
     """Versions and hardware a reader needs to judge the figures.
 
     init_cuda=False (a sharded run's parent, which must fork before CUDA starts): nothing asked of the GPU; the
-    processes report their GPUs (helpers.sharded.launch)."""
+    processes report their GPUs (helpers.training.sharded.launch)."""
     import importlib.metadata as md
 
     import torch
@@ -232,7 +232,7 @@ def environment(device: str, init_cuda: bool = True) -> dict:
     env["side_by_side"] = int(os.environ.get("QLORA_STUDY_SIDE_BY_SIDE", "1"))
     env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")  # the GPU helpers.sweep --devices pinned
     env["cpu_threads"] = torch.get_num_threads()  # torch's intra-op threads (sweep --jobs N shares the cores)
-    if device.startswith("cuda") and not init_cuda:  # the processes fill these in (helpers.sharded.launch)
+    if device.startswith("cuda") and not init_cuda:  # the processes fill these in (helpers.training.sharded.launch)
         env["device_name"] = env["device_total_gib"] = None
     elif device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name()
@@ -282,7 +282,7 @@ def machine(device: str) -> dict:
     out = {"host": platform.node(), "boot_id": boot_id, "cpu_model": cpu_model, "cpu_flags": cpu_flags,
            "gpu_uuid": None, "gpu_index": None}
     if str(device).startswith("cuda"):
-        from .telemetry import Nvml
+        from helpers.training.telemetry import Nvml
 
         nvml = Nvml(device)
         if nvml.handle is not None:
@@ -345,7 +345,7 @@ def apply_vram_budget(run: dict) -> None:
 def record_memory(run: dict, steps=None) -> None:
     """Memory figures into run["metrics"]: torch peaks, NVML peaks, non-torch memory, and for a budget
     whether the whole process (context included) would have fitted a real card of that size."""
-    from .telemetry import memory_peaks
+    from helpers.training.telemetry import memory_peaks
 
     m = run["metrics"]
     m.update(memory_peaks(run["device"], steps.nvml if steps else None, steps.history if steps else ()))

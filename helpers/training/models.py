@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .quantized import keep_training_layout
-from .registry import (  # noqa: F401 - re-exported: the names callers know from here
+from helpers.training.quantized import keep_training_layout
+from helpers.records.registry import (  # noqa: F401 - re-exported: the names callers know from here
     DEFAULT_MODEL, EMBEDDED, QUANTS, SYNTHETIC, cache_dir, is_synthetic, looks_like_hub_id, stored_quant,
 )
 
@@ -292,7 +292,7 @@ SYNTHETIC_TOKENIZER_FILE = "tokenizer.json"  # its presence says the tokenizer b
 
 def write_synthetic_tokenizer(name: str, folder) -> Path:
     """A tokenizer beside a synthetic checkpoint, for loaders that always read one (Unsloth's
-    FastLanguageModel.from_pretrained, helpers/peer.py); the hf stack never loads it (a synthetic model trains
+    FastLanguageModel.from_pretrained, helpers/training/peer.py); the hf stack never loads it (a synthetic model trains
     on random token ids, with no tokenizer). Returns the folder.
 
     One placeholder token per id of the model's vocabulary (a word-level vocabulary: len(tokenizer) equals
@@ -365,7 +365,7 @@ def bnb_config(quant: str, dtype: str, double_quant: bool, sharded: bool = False
     floating dtype and shards that; uint8 weights beside bf16 norms and adapters cannot be flattened, and an integer
     tensor cannot be sharded as a float. bitsandbytes reads the packed bits whatever the storage word, so the
     weights and the arithmetic are unchanged (Answer.AI's FSDP-QLoRA; bitsandbytes' fsdp_qlora guide). int8 has no
-    such storage and is refused with more than one GPU (helpers.sharded.problems).
+    such storage and is refused with more than one GPU (helpers.training.sharded.problems).
     """
     if quant == "none":
         return None
@@ -432,7 +432,7 @@ def _say_bnb_casts_once() -> None:
 
 
 def load_tokenizer(model: str, source: str):
-    """The run's tokenizer, the same whichever stack loads the weights (helpers/peer.py): None for a synthetic
+    """The run's tokenizer, the same whichever stack loads the weights (helpers/training/peer.py): None for a synthetic
     model (it trains on random token ids); pad = eos where the tokenizer has no pad token."""
     from transformers import AutoTokenizer
 
@@ -485,7 +485,7 @@ def load_model(model: str, quant: str = "nf4", dtype: str = "auto", double_quant
         net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], device_map={"": device}, **qkw)
     except OSError as e:
         raise OSError(f"could not load model {model!r} from {source}: {e}") from e
-    repack_off = keep_training_layout(net)  # the same 4-bit path on every CPU (helpers/quantized.py)
+    repack_off = keep_training_layout(net)  # the same 4-bit path on every CPU (helpers/training/quantized.py)
     return net, tok, loaded_info(model, source, net, dtype, repack_off)
 
 

@@ -1,7 +1,7 @@
 """The training stack of a run, one switch (`stack`) mapped in one place: ours, or the peer we measure beside it.
 
     hf        ours: models.load_model (BitsAndBytesConfig -> from_pretrained) and train.attach_lora (peft), with
-              the levers of helpers/levers.py; with every lever off, the plain Hugging Face stack. The default.
+              the levers of helpers/training/levers.py; with every lever off, the plain Hugging Face stack. The default.
     unsloth   the peer: Unsloth's FastLanguageModel (GPU only, `pip install -e .[peer]`, the versions pinned there).
               from_pretrained(the local model folder, load_in_4bit for nf4, dtype bfloat16, max_seq_length =
               seq_len), then get_peft_model(r, alpha, dropout, the run's target modules with all-linear spelled
@@ -11,7 +11,7 @@
 
 Either way the rest of the run is the same code, so the same rules measure both: the data (a synthetic model
 trains on the same random tokens, a real one on blocks cut by the same tokenizer, models.load_tokenizer), the
-gradient check, our Trainer loop (helpers/train.py: Unsloth's import patches the transformers Trainer it builds
+gradient check, our Trainer loop (helpers/training/train.py: Unsloth's import patches the transformers Trainer it builds
 on, as it patches every Trainer), telemetry and timing rules, evaluation and the sidecar.
 
 Import order. Unsloth patches transformers and peft only if it is imported before them. `import_first(stack,
@@ -25,7 +25,7 @@ HF_HUB_OFFLINE=1 and TRANSFORMERS_OFFLINE=1 are set before the import (a value t
 
 Refused before anything runs (problems(), called by runs.validate): quant other than nf4, double_quant False,
 dtype other than auto/bfloat16 (Unsloth's 4-bit load is NF4 with double quantization, computing in bfloat16),
-fp32_upcast, and every lever of helpers/levers.py: they patch the modules, the loss or the checkpointing that
+fp32_upcast, and every lever of helpers/training/levers.py: they patch the modules, the loss or the checkpointing that
 Unsloth replaces with its own, so their sum would be neither stack. LoRA dropout is allowed, but Unsloth's fused
 LoRA kernels are its fast path at dropout 0 (benchmarks/fast_arm.py uses 0 in every arm).
 Where Unsloth cannot load (no CUDA GPU, the package missing, its import failing) the run's load step raises a
@@ -38,9 +38,9 @@ import time
 
 import torch
 
-from . import models
-from .registry import COUNT_LEVERS, LEVERS, LINEARS, STACKS
-from .train import attach_lora as attach_ours
+from helpers.training import models
+from helpers.records.registry import COUNT_LEVERS, LEVERS, LINEARS, STACKS
+from helpers.training.train import attach_lora as attach_ours
 
 PEER = "unsloth"
 PEER_PACKAGES = ("unsloth", "unsloth_zoo")
@@ -143,7 +143,7 @@ def _peer_module():
     if "error" in _IMPORT:
         raise RuntimeError(_IMPORT["error"])
     if "unsloth" not in sys.modules:
-        raise RuntimeError(f"{NEEDS}, imported first in a fresh kernel: call helpers.peer.import_first(stack, device) "
+        raise RuntimeError(f"{NEEDS}, imported first in a fresh kernel: call helpers.training.peer.import_first(stack, device) "
                            "before anything imports transformers (the training notebook does)")
     from unsloth import FastLanguageModel
 

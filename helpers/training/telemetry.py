@@ -13,8 +13,8 @@ import psutil
 import torch
 from transformers import TrainerCallback
 
-from .files import atomic_write
-from .levers import IGNORE_INDEX
+from helpers.records.files import atomic_write
+from helpers.training.levers import IGNORE_INDEX
 
 GIB = 2**30
 
@@ -211,7 +211,7 @@ class StepTelemetry(TrainerCallback):
     """Trainer callback: one row per optimizer step, plus energy over the training window.
 
     A step's tokens are the loss tokens actually in its micro-batches (count_batches, which
-    helpers.train.make_trainer's Trainer calls as it fetches them: the last batch of an epoch can hold fewer
+    helpers.training.train.make_trainer's Trainer calls as it fetches them: the last batch of an epoch can hold fewer
     blocks); tokens_per_step is only the fallback for a Trainer that does not count. step_begin_s is when the step
     began, in seconds of training since on_train_begin (evaluations left out), so tokens/s can be taken over the
     whole window of the steady steps (data loading, logging and telemetry between steps included) as well as over

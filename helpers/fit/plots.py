@@ -9,7 +9,8 @@ sentences from the notebook's cells).
 import pandas as pd
 import plotly.graph_objects as go
 
-from . import fit, registry
+from helpers import fit
+from helpers.records import registry
 
 PART_COLOURS = ("#4c78a8", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#f58518", "#e45756", "#bab0ac", "#9d755d")
 

@@ -47,8 +47,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from .paths import PROJECT_ROOT
-from .registry import SYNTHETIC
+from helpers.records.paths import PROJECT_ROOT
+from helpers.records.registry import SYNTHETIC
 
 MAX_GRAD_NORM = 1.0  # the Trainer's default clipping, kept so a sharded step is the Trainer's step
 # Per-GPU figures: the sidecar keeps each GPU's value as a list (key_per_gpu) and the largest under the plain key,
@@ -62,12 +62,12 @@ def fetch(model: str, timings: dict):
     """Section 2's fetch for a sharded run, in the parent: the weights into the cache (a synthetic checkpoint is
     written in a child process: the writer uses CUDA), timed as timings["fetch_s"]; returns the tokenizer (None for a
     synthetic model). helpers.telemetry is not imported here: it imports the Trainer, which imports bitsandbytes."""
-    from .models import resolve_model
-    from .registry import cache_dir
+    from helpers.training.models import resolve_model
+    from helpers.records.registry import cache_dir
 
     t0 = time.perf_counter()
     if model in SYNTHETIC and not (cache_dir() / model / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "helpers.models", model], cwd=PROJECT_ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "helpers.training.models", model], cwd=PROJECT_ROOT, check=True)
     source = resolve_model(model)
     timings["fetch_s"] = time.perf_counter() - t0
     if model in SYNTHETIC:
@@ -147,7 +147,7 @@ def rank_main(config: dict, train_blocks, eval_blocks, folder: str, sidecar: str
         out["failed_at"] = time.time()  # one host's clock: which process failed first (launch() reports that one)
         raise
     finally:
-        from .files import atomic_write
+        from helpers.records.files import atomic_write
 
         atomic_write(Path(folder) / f"rank{rank}.json", json.dumps(out, default=float))
         if dist.is_initialized():
@@ -169,7 +169,7 @@ def wrap(model, device: str, cpu_offload: bool):
     from torch.distributed.fsdp import CPUOffload, ShardingStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from .quantized import quantized_layers
+    from helpers.training.quantized import quantized_layers
 
     net = FSDP(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
                sharding_strategy=ShardingStrategy.FULL_SHARD, cpu_offload=CPUOffload(offload_params=cpu_offload),
@@ -213,9 +213,9 @@ def train_rank(config: dict, device: str, train_blocks, eval_blocks, rank: int, 
     import torch.distributed as dist
     from transformers import get_linear_schedule_with_warmup, set_seed
 
-    from . import models, runs, telemetry
-    from .evaluate import perplexity
-    from .train import attach_lora
+    from helpers.training import models, runs, telemetry
+    from helpers.training.evaluate import perplexity
+    from helpers.training.train import attach_lora
 
     c, m = config, {}
     m.update(telemetry.gpu_baseline(device))
@@ -308,7 +308,7 @@ def aggregate(ranks: list[dict]) -> tuple[dict, list[dict], dict]:
         loss                a step's loss is the global batch's (each rank's mean, averaged: equal token counts)
         perplexity, params  rank 0's (every rank scores the same blocks with the same weights)
     """
-    from .telemetry import StepTelemetry
+    from helpers.training.telemetry import StepTelemetry
 
     first = ranks[0]
     m = dict(first["metrics"])

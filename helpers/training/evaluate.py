@@ -47,7 +47,7 @@ def perplexity(model, blocks, batch_size: int = 8, device=None) -> dict:
 
 def held_out_curve(model, blocks: torch.Tensor, every: int, steps, batch_size: int = 8):
     """A transformers TrainerCallback that scores `blocks` every `every` optimizer steps and writes eval_ppl
-    into that step's telemetry row (`steps`: a helpers.telemetry.StepTelemetry, which must come first in the
+    into that step's telemetry row (`steps`: a helpers.training.telemetry.StepTelemetry, which must come first in the
     Trainer's callbacks). The time and energy of these evaluations are handed to `steps` to leave out of the
     training figures, so throughput and energy per token stay those of training alone."""
     from transformers import TrainerCallback

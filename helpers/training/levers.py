@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .registry import COUNT_LEVERS, LEVERS  # noqa: E402,F401 - the names, defined once (torch-free)
+from helpers.records.registry import COUNT_LEVERS, LEVERS  # noqa: E402,F401 - the names, defined once (torch-free)
 IGNORE_INDEX = -100
 
 
