@@ -188,7 +188,9 @@ def test_committed_notebook_is_its_builder_output(tmp_path):
 def test_notebook_report_renders_offline_in_chromium(tmp_path):
     from tests.test_report_html import check_offline, open_in_chromium, rendered_figures
 
-    html_path = fit.build_report(tmp_path / "fit")
+    from helpers.sweeps.report import build_fit_report
+
+    html_path = build_fit_report(tmp_path / "fit")
     nb = nbformat.read(str(tmp_path / "fit" / "will_it_fit.ipynb"), as_version=4)
     assert not [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert (tmp_path / "fit" / "validation.csv").is_file() and not list((tmp_path / "fit").glob(".will_it_fit.*"))

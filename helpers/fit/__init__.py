@@ -674,9 +674,8 @@ def _parser():
 def main(argv=None) -> int:
     ap = _parser()
     a = ap.parse_args(argv)
-    if a.report:
-        print(f"report: {build_report()}")
-        return 0
+    if a.report:  # executing notebook 03 is the runner's work (helpers/sweeps/report.py): the command does it
+        ap.error("--report is taken by the command `python -m helpers.fit --report` (helpers/fit/__main__.py)")
     if a.validate:
         rows = validation_table()
         s = validation_summary(rows)
@@ -789,20 +788,6 @@ def preregistered_vs_measured(path: str | Path = PREREGISTERED, reports: str | P
         rec["now_status_right"] = (rec["now_status"] == m["status"]) if (m and budgeted) else None
         out.append(rec)
     return out
-
-
-def build_report(out_dir: str | Path = "reports/fit") -> Path:
-    """notebooks/03_will_it_fit.ipynb executed by papermill into out_dir/will_it_fit.ipynb (explore off), and its
-    self-contained HTML beside it; returns the HTML's path. Imports papermill and the report exporter, so it
-    is the one part of this module that needs the full environment."""
-    from helpers.records.paths import PROJECT_ROOT, shown
-    from helpers.sweeps.report import execute_into, export_html
-
-    out = Path(out_dir) if Path(out_dir).is_absolute() else PROJECT_ROOT / out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    execute_into(PROJECT_ROOT / "notebooks" / "03_will_it_fit.ipynb", out / "will_it_fit.ipynb",
-                 {"explore": False, "out_dir": str(shown(out))})
-    return export_html(out / "will_it_fit.ipynb", out / "will_it_fit.html", title="will it fit?")
 
 
 # --- several GPUs: FSDP (the training notebook's num_gpus and fsdp_cpu_offload) --------------------------------

@@ -91,6 +91,17 @@ def build_report(sweep_dir, summary: bool = True) -> Path:
     return export_html(folder / "analysis.ipynb", folder / "analysis.html", title=f"{folder.name}: sweep analysis")
 
 
+def build_fit_report(out_dir: str | Path = "reports/fit") -> Path:
+    """notebooks/03_will_it_fit.ipynb (the memory predictor, helpers/fit/) executed by papermill into
+    out_dir/will_it_fit.ipynb (explore off), and its self-contained HTML beside it; returns the HTML's path.
+    `python -m helpers.fit --report` calls it: the predictor itself never imports the runner."""
+    out = Path(out_dir) if Path(out_dir).is_absolute() else PROJECT_ROOT / out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    execute_into(PROJECT_ROOT / "notebooks" / "03_will_it_fit.ipynb", out / "will_it_fit.ipynb",
+                 {"explore": False, "out_dir": str(shown(out))})
+    return export_html(out / "will_it_fit.ipynb", out / "will_it_fit.html", title="will it fit?")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m helpers.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep_dir", help="a sweep folder, e.g. reports/default (relative to the project root)")
