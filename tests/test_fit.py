@@ -133,7 +133,9 @@ def test_cli_prints_the_breakdown_and_the_verdict(capsys):
     out = capsys.readouterr().out
     for _, label in fit.BREAKDOWN:
         assert label in out
-    assert "verdict: does NOT fit a 8 GiB card" in out  # measured: 8.48 GiB whole process (reports/gpu-7b)
+    # measured: 8.48 GiB whole process uncapped (reports/gpu-7b); under a cap it needs 8.10 GiB with the H200's
+    # 0.74 GiB outside torch: over a real 8 GiB card unless its CUDA context is smaller, so "tight", never "fits"
+    assert "verdict: tight on a 8 GiB card" in out
 
 
 def test_read_config_from_a_folder_a_file_and_an_unreachable_hub(tmp_path, monkeypatch):
@@ -240,9 +242,11 @@ def test_cap_headroom_decides_only_capped_runs(monkeypatch):
     cfg = dict(model="qwen2.5-7b-shape", batch_size=2, seq_len=4096, lora_r=16, eval_blocks=1)
     before = fit.predict(cfg)
     capped = fit.predict({**cfg, "vram_budget_gib": 28.0})
-    monkeypatch.setattr(fit, "CAP_HEADROOM", fit.CAP_HEADROOM + 0.5)
+    monkeypatch.setattr(fit, "CAP_HEADROOM", 0.0)
     assert fit.predict(cfg)["peak_reserved_gib"] == before["peak_reserved_gib"]
-    assert fit.predict({**cfg, "vram_budget_gib": 28.0})["needs_under_cap_gib"] > capped["needs_under_cap_gib"] + 1
+    # the headroom moves the capped need, which never passes the uncapped reserve (a run under it never meets the cap)
+    tighter = fit.predict({**cfg, "vram_budget_gib": 28.0})["needs_under_cap_gib"]
+    assert tighter < capped["needs_under_cap_gib"] - 1 and capped["needs_under_cap_gib"] <= before["peak_reserved_gib"]
     logits_segment = 2 * 4096 * 152064 * 2 / fit.GIB  # tokens x vocab x bf16
     assert before["peak_reserved_gib"] - before["peak_allocated_gib"] >= logits_segment
 

@@ -60,11 +60,9 @@ pred = fit.predict(cfg, evaluation=False)
 pd.Series({label: round(pred[key], 2) for key, label in fit.BREAKDOWN}, name="GiB").to_frame()
 '''),
     code('''
-need = pred["needs_on_card_gib"]
-verdict = f"fits, {card_gib - need:.1f} GiB to spare" if need <= card_gib else f"does not fit: {need - card_gib:.1f} GiB short"
+verdict = fit.card_verdict(pred, card_gib)  # the one verdict: the CLI, --json and the chart's line read it too
 display(Markdown(f"**{model}** at batch {batch_size} x {seq_len}: whole process {pred['peak_process_gib']:.1f} GiB at "
-                 f"its peak (the {pred['peak_moment']}); it needs {need:.1f} GiB when memory is tight: **{verdict}** "
-                 f"on a {card_gib:g} GiB card."))
+                 f"its peak uncapped (the {pred['peak_moment']}): **{fit.verdict_words(verdict)}**."))
 fitplots.breakdown_figure(pred, card_gib, f"{model}, {quant}, batch {batch_size} x {seq_len}").show()
 '''),
     md("## What fits this card\nThe largest sequence at batch 1 and at this batch, the largest batch at this "

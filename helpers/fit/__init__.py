@@ -66,6 +66,7 @@ from pathlib import Path
 
 from helpers.records import registry
 from helpers.records.files import atomic_write
+from helpers.records.paths import PROJECT_ROOT
 from helpers.records.sidecars import read_sidecar
 
 GIB = 2**30
@@ -87,7 +88,7 @@ DOUBLE_QUANT_BLOCK = 256  # absmax values per second-level fp32 constant with do
 DEFAULTS = dict(model=registry.DEFAULT_MODEL, quant="nf4", dtype="auto", double_quant=True, lora_r=8,
                 lora_dropout=0.05, target_modules="all-linear", batch_size=2, seq_len=256, grad_accum=1,
                 gradient_checkpointing=True, optimizer="adamw_torch", eval_blocks=16, eval_every=0,
-                vram_budget_gib=0.0, fused_kernels=False, torch_compile=False, offload_activations=False,
+                vram_budget_gib=0.0, fp32_upcast=False, fused_kernels=False, torch_compile=False, offload_activations=False,
                 keep_16bit=False, chunked_loss=0, tiled_mlp=0)
 
 # --- fitted and measured constants (see the module docstring; values from tools/fit_constants.py) -----------
@@ -219,6 +220,8 @@ def check(cfg: dict) -> dict:
     need(c["vram_budget_gib"] >= 0, "vram_budget_gib", "GiB >= 0 (0 = whole card)")
     need(not (c["keep_16bit"] and c["quant"] == "none"), "keep_16bit",
          "False for quant none (only QLoRA upcasts norms, embeddings and head)")
+    need(not (c["fp32_upcast"] and c["quant"] != "none"), "fp32_upcast",
+         "False for a quantized base (peft upcasts it already; keep_16bit turns that off)")
     need(not (c["fused_kernels"] and c["chunked_loss"]), "chunked_loss",
          "0 with fused_kernels (both replace the head's loss)")
     targets(c["target_modules"])
@@ -266,7 +269,8 @@ def predict(cfg: dict, config: dict | None = None, evaluation: bool = True) -> d
     s = shape(config if config is not None else read_config(c["model"]))
     p = param_counts(s)
     compute = DTYPE_BYTES[c["dtype"]]
-    quant, upcast = c["quant"], c["quant"] != "none" and not c["keep_16bit"]
+    # norms, embeddings and head in float32: peft's upcast of the QLoRA arms, or fp32_upcast's of the 16-bit arm
+    quant, upcast = c["quant"], registry.upcasts_to_fp32(c["quant"], c["keep_16bit"], c["fp32_upcast"])
     other_bytes = 4 if (upcast or compute == 4) else compute  # embeddings, head, norms, biases
     # the residual stream: fp32 when the embedding was upcast (its output is fp32 and stays so through adds)
     resid = 4 if (upcast or compute == 4) else compute
@@ -360,6 +364,9 @@ def predict(cfg: dict, config: dict | None = None, evaluation: bool = True) -> d
     # on 32k-49k vocabularies), which over-predicted 128k-152k vocabularies by up to 25% (reports/results.md)
     reserved = max(reserved, static + max(k + t + (logits_segment if m == "loss" else t * CAP_HEADROOM_LAYER)
                                           for m, (k, t) in moments.items()))
+    # One physical model of "fits": a process whose uncapped reserve never reaches the cap never meets it, so what
+    # a cap (or a card) must hold is the smaller of the two; the capped need can never exceed the uncapped peak
+    need_capped = min(need_capped, reserved)
     fits = True
     if budget:
         fits = need_capped <= budget
@@ -394,7 +401,7 @@ def measured_runs(reports: str | Path = "reports") -> list[dict]:
     is cuda, and every probe of the max-context searches (reports/*/max_context*.json). Each row: source, id,
     the configuration the predictor takes (cfg), evaluation (False for probes), status ok|oom|error, the
     measured peaks, the budget and side_by_side."""
-    root = Path(reports)
+    root = Path(reports) if Path(reports).is_absolute() else PROJECT_ROOT / reports  # not the kernel's folder
     rows = []
     for f in sorted(root.glob("*/runs/**/*.json")):
         try:
@@ -433,6 +440,16 @@ def measured_runs(reports: str | Path = "reports") -> list[dict]:
                          "allocated_gib": pr.get("peak_allocated_gib"), "reserved_gib": pr.get("peak_reserved_gib"),
                          "process_gib": pr.get("process_peak_est_gib")})
     return rows
+
+
+def largest_measured(model: str, reports: str | Path = "reports") -> dict | None:
+    """The largest seq_len and batch_size of any finished committed GPU run (or probe) of this model, or None: an
+    answer past them is an extrapolation, and the CLI says so."""
+    runs = [r for r in measured_runs(reports) if r["cfg"].get("model") == model and r["status"] == "ok"]
+    if not runs:
+        return None
+    return {"seq_len": max(r["cfg"].get("seq_len", DEFAULTS["seq_len"]) for r in runs),
+            "batch_size": max(r["cfg"].get("batch_size", DEFAULTS["batch_size"]) for r in runs), "runs": len(runs)}
 
 
 def validation_table(rows: list[dict] | None = None) -> list[dict]:
@@ -489,27 +506,65 @@ def validation_summary(rows: list[dict]) -> dict:
 
 
 def write_validation(path: str | Path = "reports/fit/validation.csv", rows: list[dict] | None = None) -> Path:
-    """validation_table() as a CSV, written atomically (files.atomic_write)."""
+    """validation_table() as a CSV, written atomically (files.atomic_write), relative paths against the project
+    root. A value not measured is an empty cell whether it comes as None (the CLI's dicts) or NaN (notebook 03's
+    DataFrame records), so both callers write the same bytes and --validate leaves a clean checkout clean."""
     import csv
 
     rows = rows if rows is not None else validation_table()
-    path = Path(path)
+    if not rows:
+        raise ValueError("no committed GPU measurement to validate against (no reports/*/runs/*.json on cuda)")
+    path = Path(path) if Path(path).is_absolute() else PROJECT_ROOT / path
     path.parent.mkdir(parents=True, exist_ok=True)
+
+    def cell(v):
+        if isinstance(v, float):
+            return "" if math.isnan(v) else round(v, 4)
+        return "" if v is None else v
 
     def write(f):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         for r in rows:
-            w.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow({k: cell(v) for k, v in r.items()})
     return atomic_write(path, write)
 
 
 # --- the inverse: what fits a card -------------------------------------------------------------------------------
 
+# Memory outside torch on the card a user has (CUDA context, cuBLAS, bitsandbytes' kernels): measured 0.74 GiB (0.80
+# with int8) on the H200 (OUTSIDE_TORCH_GIB); a consumer card's context is often smaller, down to about this (not
+# measured here). The verdict takes the measured, larger figure; between the two it says "tight".
+OUTSIDE_TORCH_LOW_GIB = 0.30
+
+
+def card_verdict(pred: dict, card_gib: float) -> dict:
+    """The one answer to "does it fit a card of card_gib GiB?", from a predict() result: what an allocator capped
+    at the card must hold (needs_under_cap_gib, never above the uncapped peak) plus the memory outside torch.
+    verdict: "fits" (with the measured outside-torch figure), "tight" (only if the card's outside-torch memory is
+    nearer OUTSIDE_TORCH_LOW_GIB), "does not fit". The CLI's text and --json, notebook 03's chart and table, the
+    sweep's dry run and card_table all read this."""
+    need = pred["needs_under_cap_gib"] + pred["outside_torch_gib"]
+    low = pred["needs_under_cap_gib"] + min(OUTSIDE_TORCH_LOW_GIB, pred["outside_torch_gib"])
+    verdict = "fits" if need <= card_gib else ("tight" if low <= card_gib else "does not fit")
+    return {"card_gib": card_gib, "fits_card": need <= card_gib, "verdict": verdict, "needs_gib": need,
+            "needs_gib_low": low, "margin_gib": card_gib - need}
+
+
+def verdict_words(v: dict) -> str:
+    """card_verdict's answer in one sentence."""
+    card, need, low = v["card_gib"], v["needs_gib"], v["needs_gib_low"]
+    if v["verdict"] == "fits":
+        return f"fits a {card:g} GiB card ({v['margin_gib']:.2f} GiB to spare; it needs {need:.2f} GiB)"
+    if v["verdict"] == "tight":
+        return (f"tight on a {card:g} GiB card: it needs {need:.2f} GiB with the CUDA context measured on the H200, "
+                f"{low:.2f} GiB if the card's takes only {OUTSIDE_TORCH_LOW_GIB:g} GiB")
+    return f"does NOT fit a {card:g} GiB card (short by {-v['margin_gib']:.2f} GiB; it needs {need:.2f} GiB)"
+
+
 def fits_card(cfg: dict, card_gib: float, config: dict | None = None, evaluation: bool = True) -> bool:
-    """Whether a run fits a real card of card_gib GiB, whole process: what an allocator capped at the card
-    must hold, plus the memory outside torch. evaluation: as in predict()."""
-    return predict({**cfg, "vram_budget_gib": 0.0}, config, evaluation)["needs_on_card_gib"] <= card_gib
+    """Whether a run fits a real card of card_gib GiB (card_verdict's fits_card). evaluation: as in predict()."""
+    return card_verdict(predict({**cfg, "vram_budget_gib": 0.0}, config, evaluation), card_gib)["fits_card"]
 
 
 def _largest(test, lo: int, hi: int, step: int) -> int:
@@ -527,9 +582,14 @@ def _largest(test, lo: int, hi: int, step: int) -> int:
 
 def max_seq_len(cfg: dict, card_gib: float, step: int = 128, limit: int = 1 << 20, config: dict | None = None,
                 evaluation: bool = True) -> int:
-    """Largest seq_len (a multiple of step, at cfg's batch_size) that fits the card; 0 if not even `step`.
-    It may exceed the model's context: check predict(...)['context']."""
+    """Largest seq_len (a multiple of step, at cfg's batch_size) that fits the card, never past the model's context
+    (max_position_embeddings; returned as it is when more would fit); 0 if not even `step`."""
     config = config if config is not None else read_config(check(cfg)["model"])
+    context = shape(config)["context"]
+    if context:
+        limit = min(limit, context)
+        if fits_card({**cfg, "seq_len": context}, card_gib, config, evaluation):
+            return context
     return _largest(lambda n: fits_card({**cfg, "seq_len": n}, card_gib, config, evaluation), step, limit, step)
 
 
@@ -647,6 +707,8 @@ def _parser():
     ap.add_argument("--seq-len", type=int, default=DEFAULTS["seq_len"])
     ap.add_argument("--grad-accum", type=int, default=DEFAULTS["grad_accum"])
     ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    ap.add_argument("--fp32-upcast", action="store_true",
+                    help="quant none only: norms, embeddings and head in float32, as peft gives the QLoRA arms")
     ap.add_argument("--optimizer", default=DEFAULTS["optimizer"], help=f"one of {list(OPTIMIZER_STATE_BYTES)}")
     ap.add_argument("--eval-blocks", type=int, default=DEFAULTS["eval_blocks"],
                     help="blocks the notebook scores before training (0: all)")
@@ -691,12 +753,19 @@ def main(argv=None) -> int:
         pred = predict(cfg, config, evaluation=not a.train_only)
     except (ValueError, OSError) as e:
         ap.error(str(e))
-    if a.card < 0:
+    if not math.isfinite(a.card) or a.card < 0:
         ap.error(f"--card={a.card!r} is not allowed: a card size in GiB > 0 (0: no verdict)")
     if (a.max_seq_len or a.max_batch or a.fastest) and not a.card:
         ap.error("--max-seq-len, --max-batch and --fastest need --card (the card size in GiB)")
+    extra = {}
+    if a.card:
+        extra.update(card_verdict(pred, a.card))
+    if a.max_seq_len:
+        extra["max_seq_len"] = {str(b): max_seq_len({**cfg, "batch_size": b}, a.card, config=config,
+                                                     evaluation=not a.train_only) for b in sorted({1, cfg["batch_size"]})}
+    extra["largest_measured"] = largest_measured(a.model)
     if a.json:
-        print(json.dumps(pred, indent=1))
+        print(json.dumps({**pred, **extra}, indent=1))
         return 0
     s = shape(config)
     c = check(cfg)
@@ -711,15 +780,23 @@ def main(argv=None) -> int:
           f"; torch allocated {pred['peak_allocated_gib']:.2f}, reserved {pred['peak_reserved_gib']:.2f}")
     if pred["context"] and c["seq_len"] > pred["context"]:
         print(f"  note: seq_len {c['seq_len']} is beyond the model's context of {pred['context']} (a memory figure only)")
+    seen = extra["largest_measured"]
+    if not seen:
+        print("  note: no run of this shape was measured: the prediction is extrapolated from other shapes")
+    elif c["seq_len"] > seen["seq_len"] or c["batch_size"] > seen["batch_size"]:
+        print(f"  note: extrapolated (largest measured for this shape: seq_len {seen['seq_len']:,}, "
+              f"batch {seen['batch_size']})")
     if a.card:
-        need = pred["needs_on_card_gib"]
-        verdict = (f"fits a {a.card:g} GiB card ({a.card - need:.2f} GiB to spare"
-                   if need <= a.card else f"does NOT fit a {a.card:g} GiB card (short by {need - a.card:.2f} GiB")
-        print(f"verdict: {verdict}; it needs {need:.2f} GiB when memory is tight, as the allocator frees its cache)")
+        print(f"verdict: {verdict_words(extra)}. What it needs is what an allocator capped at the card must hold "
+              "(it frees its cache before it fails) plus the memory outside torch; never more than the peak above")
+        seen = extra["largest_measured"]
         if a.max_seq_len:
-            for b in sorted({1, c["batch_size"]}):
-                n = max_seq_len({**cfg, "batch_size": b}, a.card, config=config, evaluation=not a.train_only)
-                print(f"largest seq_len at batch {b}: {n or 'none (not even 128 tokens)'}")
+            for b, n in extra["max_seq_len"].items():
+                print(f"largest seq_len at batch {b}: {n or 'none (not even 128 tokens)'}"
+                      + (f" (the model's context: more would fit)" if n and n == pred["context"] else "")
+                      + (f", extrapolated (largest measured for this shape: {seen['seq_len']:,})"
+                         if n and seen and n > seen["seq_len"] else "")
+                      + (", extrapolated (no run of this shape measured)" if n and not seen else ""))
         if a.max_batch:
             print(f"largest batch_size at seq_len {c['seq_len']}: {max_batch(cfg, a.card, config=config, evaluation=not a.train_only) or 'none'}")
         if a.fastest:

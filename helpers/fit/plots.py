@@ -12,19 +12,25 @@ import plotly.graph_objects as go
 from helpers import fit
 from helpers.records import registry
 
+VERDICT_COLOURS = {"fits": "#2ca02c", "tight": "#ff7f0e", "does not fit": "#d62728"}
 PART_COLOURS = ("#4c78a8", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#f58518", "#e45756", "#bab0ac", "#9d755d")
 
 
 def breakdown_figure(pred: dict, card_gib: float = 0, title: str = "") -> go.Figure:
-    """A stacked bar of pred's parts (helpers.fit.BREAKDOWN order), the whole process on top, and a line at the
-    card's size (none for card_gib 0)."""
+    """A stacked bar of pred's parts (helpers.fit.BREAKDOWN order), the whole process on top, a line at the card's
+    size and one at what the run needs on it (helpers.fit.card_verdict; green fits, orange tight, red does not): the
+    bar's top is the uncapped peak, which may pass the card when the allocator would free its cache under the cap."""
     fig = go.Figure()
     for (key, label), colour in zip(fit.BREAKDOWN, PART_COLOURS):
         fig.add_bar(x=["predicted peak"], y=[pred[key]], name=label, marker_color=colour,
                     hovertemplate=f"{label}: %{{y:.2f}} GiB<extra></extra>")
-    if card_gib:
+    if card_gib:  # the card, and what the run needs on it (card_verdict): the line the verdict compares, drawn
+        v = fit.card_verdict(pred, card_gib)
         fig.add_hline(y=card_gib, line_dash="dash", line_color="black",
                       annotation_text=f"card: {card_gib:g} GiB", annotation_position="top left")
+        fig.add_hline(y=v["needs_gib"], line_width=3, line_color=VERDICT_COLOURS[v["verdict"]],
+                      annotation_text=f"needs {v['needs_gib']:.2f} GiB: {v['verdict']}",
+                      annotation_position="bottom right")
     top = max(pred["peak_process_gib"], card_gib or 0) * 1.15
     fig.update_layout(barmode="stack", title=title, yaxis_title="GiB (whole process)", yaxis_range=[0, top],
                       legend_traceorder="reversed", height=480, width=760, margin=dict(l=60, r=20, t=60, b=40))
@@ -88,9 +94,7 @@ def explorer(card_gib: float = 8.0):
             except ValueError as e:  # a combination the study refuses (e.g. keep_16bit with quant none)
                 print(f"not allowed: {e}")
                 return
-            verdict = "fits" if pred["needs_on_card_gib"] <= card else "does not fit"
-            breakdown_figure(pred, card, f"{kw['model']}: {verdict} a {card:g} GiB card "
-                                         f"(needs {pred['needs_on_card_gib']:.1f} GiB)").show()
+            breakdown_figure(pred, card, f"{kw['model']}: {fit.verdict_words(fit.card_verdict(pred, card))}").show()
 
     widgets.interactive_output(redraw, c)
     display(widgets.HBox([widgets.VBox(list(c.values())[:7]), widgets.VBox(list(c.values())[7:])]), out)
