@@ -393,7 +393,7 @@ SIDECAR_KEYS = ("peak_allocated_gib", "peak_reserved_gib", "peak_process_est_gib
 # them, and the bars of the fit issue are held on the rest (tests/test_fit.py); their errors are published beside.
 # fit-check: the pre-registered grid; precision, lever-check: real-weight runs of the fair-comparisons issue;
 # multi-gpu: FSDP runs, which predict_per_gpu extends the one-GPU model to without fitting anything.
-MEASURED_AFTER_FIT = ("fit-check", "precision", "lever-check", "multi-gpu")
+MEASURED_AFTER_FIT = ("fit-check", "precision", "lever-check", "multi-gpu", "fit-check-2")
 
 
 def measured_runs(reports: str | Path = "reports") -> list[dict]:
