@@ -61,7 +61,6 @@ No torch import: the CLI answers in well under a second on any machine (tests ch
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 from helpers.records import registry
@@ -544,7 +543,7 @@ def card_verdict(pred: dict, card_gib: float) -> dict:
     verdict: "fits" (with the measured outside-torch figure), "tight" (only if the card's outside-torch memory is
     nearer OUTSIDE_TORCH_LOW_GIB), "does not fit". The CLI's text and --json, notebook 03's chart and table, the
     sweep's dry run and card_table all read this."""
-    need = pred["needs_under_cap_gib"] + pred["outside_torch_gib"]
+    need = pred["needs_on_card_gib"]  # predict's needs_under_cap_gib + outside_torch_gib
     low = pred["needs_under_cap_gib"] + min(OUTSIDE_TORCH_LOW_GIB, pred["outside_torch_gib"])
     verdict = "fits" if need <= card_gib else ("tight" if low <= card_gib else "does not fit")
     return {"card_gib": card_gib, "fits_card": need <= card_gib, "verdict": verdict, "needs_gib": need,
@@ -789,11 +788,10 @@ def main(argv=None) -> int:
     if a.card:
         print(f"verdict: {verdict_words(extra)}. What it needs is what an allocator capped at the card must hold "
               "(it frees its cache before it fails) plus the memory outside torch; never more than the peak above")
-        seen = extra["largest_measured"]
         if a.max_seq_len:
             for b, n in extra["max_seq_len"].items():
                 print(f"largest seq_len at batch {b}: {n or 'none (not even 128 tokens)'}"
-                      + (f" (the model's context: more would fit)" if n and n == pred["context"] else "")
+                      + (" (the model's context: more would fit)" if n and n == pred["context"] else "")
                       + (f", extrapolated (largest measured for this shape: {seen['seq_len']:,})"
                          if n and seen and n > seen["seq_len"] else "")
                       + (", extrapolated (no run of this shape measured)" if n and not seen else ""))
